@@ -1,0 +1,199 @@
+"""Likelihood families, priors and KL divergences.
+
+This is the only module of dlvm_jax that imports distrax. Every distribution handed out is a distrax object
+whose event shape is the whole data point (``Independent`` over the data dimensions), so that
+``log_prob(x)`` returns one number per example.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import distrax
+
+Array = jax.Array
+Distribution = distrax.Distribution
+Likelihood = Literal["bernoulli", "gaussian", "continuous_bernoulli"]
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "continuous_bernoulli")
+
+#: Smallest standard deviation a learned Gaussian scale can take (keeps log-densities finite).
+MIN_SCALE = 1e-3
+
+
+def positive_scale(raw: Array, min_scale: float = MIN_SCALE) -> Array:
+    """Map an unconstrained network output to a standard deviation: ``softplus(raw) + min_scale``."""
+    return jax.nn.softplus(raw) + min_scale
+
+
+def diag_gaussian(loc: Array, scale: Array) -> distrax.MultivariateNormalDiag:
+    """Diagonal Gaussian over the last axis of ``loc``."""
+    return distrax.MultivariateNormalDiag(loc, scale)
+
+
+def diag_gaussian_from_raw(raw: Array, min_scale: float = MIN_SCALE) -> distrax.MultivariateNormalDiag:
+    """Diagonal Gaussian from a network output ``raw = [loc, raw_scale]`` split on the last axis."""
+    loc, raw_scale = jnp.split(raw, 2, axis=-1)
+    return diag_gaussian(loc, positive_scale(raw_scale, min_scale))
+
+
+def full_gaussian(loc: Array, scale_tril: Array) -> distrax.MultivariateNormalTri:
+    """Gaussian with covariance ``scale_tril @ scale_tril.T`` (lower-triangular scale)."""
+    return distrax.MultivariateNormalTri(loc, scale_tril)
+
+
+def standard_normal(dim: int) -> distrax.MultivariateNormalDiag:
+    """The prior N(0, I) in ``dim`` dimensions."""
+    return distrax.MultivariateNormalDiag(jnp.zeros(dim), jnp.ones(dim))
+
+
+def kl_diag_gaussians(q_loc: Array, q_scale: Array, p_loc: Array, p_scale: Array) -> Array:
+    r"""KL(q || p) between diagonal Gaussians, summed over the last axis.
+
+    .. math:: \sum_d \log\frac{\sigma_p}{\sigma_q} + \frac{\sigma_q^2 + (\mu_q - \mu_p)^2}{2\sigma_p^2} - \frac12
+    """
+    ratio = jnp.square(q_scale / p_scale)
+    diff = jnp.square((q_loc - p_loc) / p_scale)
+    return 0.5 * jnp.sum(ratio + diff - 1.0 - jnp.log(ratio), axis=-1)
+
+
+def kl_divergence(q: Distribution, p: Distribution) -> Array:
+    """Analytic KL(q || p): closed form between diagonal Gaussians, distrax's own KL otherwise."""
+    if isinstance(q, distrax.MultivariateNormalDiag) and isinstance(p, distrax.MultivariateNormalDiag):
+        return kl_diag_gaussians(q.loc, q.scale_diag, p.loc, p.scale_diag)
+    return q.kl_divergence(p)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019)
+# --------------------------------------------------------------------------------------------------------------
+
+# Below this |logit| the normaliser and the inverse CDF use their Taylor series (the closed forms are 0/0 at 0).
+_CB_TAYLOR = 1e-2
+
+
+def cb_log_normalizer(logits: Array) -> Array:
+    r"""log C(lambda) of the continuous Bernoulli, written in the logit eta = log(lambda / (1 - lambda)).
+
+    With lambda = sigmoid(eta): 1 - 2 lambda = -tanh(eta/2) and 2 atanh(1 - 2 lambda) = -eta, so
+    C = eta / tanh(eta / 2), an even function equal to 2 at eta = 0. With y = |eta|/2,
+    log C = log 2 + log y - log tanh y, and for small y, log(y / tanh y) = y^2/3 - 7 y^4/90 + O(y^6).
+    """
+    y = 0.5 * jnp.abs(logits)
+    small = y < _CB_TAYLOR
+    y_safe = jnp.where(small, 1.0, y)
+    # log tanh y = log(1 - e^{-2y}) - log(1 + e^{-2y}), stable for large y.
+    e = jnp.exp(-2.0 * y_safe)
+    exact = jnp.log(y_safe) - jnp.log1p(-e) + jnp.log1p(e)
+    y2 = jnp.square(y)
+    taylor = y2 / 3.0 - 7.0 * jnp.square(y2) / 90.0
+    return math.log(2.0) + jnp.where(small, taylor, exact)
+
+
+class ContinuousBernoulli(distrax.Distribution):
+    r"""Continuous Bernoulli on [0, 1] with density C(lambda) lambda^x (1 - lambda)^(1 - x), parameterised by logits.
+
+    ``log_prob(x) = x * eta - softplus(eta) + log C(eta)``, stable for every logit including eta near 0
+    (lambda near 1/2). Sampling is reparameterised through the inverse CDF
+    ``F^{-1}(u) = log(1 + u (e^eta - 1)) / eta``.
+    """
+
+    equiv_tfp_cls = None
+
+    def __init__(self, logits: Array):
+        super().__init__()
+        self._logits = jnp.asarray(logits)
+
+    @property
+    def logits(self) -> Array:
+        return self._logits
+
+    @property
+    def probs(self) -> Array:
+        return jax.nn.sigmoid(self._logits)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self._logits.shape
+
+    def log_prob(self, value: Array) -> Array:
+        eta = self._logits
+        return value * eta - jax.nn.softplus(eta) + cb_log_normalizer(eta)
+
+    def _icdf(self, u: Array) -> Array:
+        eta = jnp.broadcast_to(self._logits, u.shape)
+        small = jnp.abs(eta) < _CB_TAYLOR
+        eta_safe = jnp.where(small, 1.0, eta)
+        pos = eta_safe > 0
+        eta_neg = jnp.where(pos, -1.0, eta_safe)
+        eta_pos = jnp.where(pos, eta_safe, 1.0)
+        # eta < 0: log1p(u * expm1(eta)) / eta; eta > 0: 1 + log(u + (1 - u) e^{-eta}) / eta (no overflow).
+        x_neg = jnp.log1p(u * jnp.expm1(eta_neg)) / eta_neg
+        x_pos = 1.0 + jnp.log(u + (1.0 - u) * jnp.exp(-eta_pos)) / eta_pos
+        exact = jnp.where(pos, x_pos, x_neg)
+        # Second-order expansion in eta around 0: u + eta u (1 - u) / 2.
+        taylor = u + 0.5 * eta * u * (1.0 - u)
+        return jnp.clip(jnp.where(small, taylor, exact), 0.0, 1.0)
+
+    def _sample_n(self, key: Array, n: int) -> Array:
+        u = jax.random.uniform(key, (n,) + self.batch_shape, dtype=self._logits.dtype, minval=1e-7, maxval=1.0 - 1e-7)
+        return self._icdf(u)
+
+    def mean(self) -> Array:
+        r"""E[x] = lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda)) = sigmoid(eta) / tanh(eta/2) - 1/eta."""
+        eta = self._logits
+        small = jnp.abs(eta) < _CB_TAYLOR
+        eta_safe = jnp.where(small, 1.0, eta)
+        exact = jax.nn.sigmoid(eta_safe) / jnp.tanh(0.5 * eta_safe) - 1.0 / eta_safe
+        return jnp.where(small, 0.5 + eta / 12.0, exact)
+
+    def __getitem__(self, index) -> "ContinuousBernoulli":
+        return ContinuousBernoulli(self._logits[index])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Likelihood families: decoder output -> distribution over one data point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def likelihood_param_size(likelihood: str, data_size: int) -> int:
+    """Number of decoder outputs a likelihood family needs for ``data_size`` values."""
+    check_likelihood(likelihood)
+    return 2 * data_size if likelihood == "gaussian" else data_size
+
+
+def check_likelihood(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+
+
+def likelihood_dist(likelihood: str, params: Array, data_shape: tuple[int, ...]) -> Distribution:
+    """Distribution over one data point of ``data_shape`` from flat decoder outputs ``params`` (shape (..., P)).
+
+    Leading axes of ``params`` become batch axes of the result; the event is the whole data point.
+    """
+    check_likelihood(likelihood)
+    lead = params.shape[:-1]
+    ndims = len(data_shape)
+    if likelihood == "gaussian":
+        loc, raw_scale = jnp.split(params, 2, axis=-1)
+        base = distrax.Normal(loc.reshape(lead + data_shape), positive_scale(raw_scale).reshape(lead + data_shape))
+    else:
+        logits = params.reshape(lead + data_shape)
+        base = distrax.Bernoulli(logits=logits) if likelihood == "bernoulli" else ContinuousBernoulli(logits)
+    return distrax.Independent(base, reinterpreted_batch_ndims=ndims)
+
+
+def likelihood_mean(dist: Distribution) -> Array:
+    """Mean of a likelihood returned by :func:`likelihood_dist` (for reconstructions and sample figures)."""
+    return dist.distribution.mean()

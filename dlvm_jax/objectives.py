@@ -1,0 +1,117 @@
+r"""Variational objectives, written per example and lifted with ``jax.vmap`` over the batch.
+
+With log-weights log w_m = log p(x, z_m) - log q(z_m | x), z_m ~ q(z | x), m = 1..M:
+
+* ELBO, Monte-Carlo KL:  (1/M) sum_m [log p(x | z_m) + beta (log p(z_m) - log q(z_m | x))]
+* ELBO, analytic KL:     (1/M) sum_m log p(x | z_m) - beta KL(q(z | x) || p(z))
+* IWAE (Burda et al. 2015):  log (1/K) sum_k w_k  =  logsumexp_k(log w_k) - log K
+
+A model is any object with ``encode``, ``decode``, ``prior`` and ``log_weights`` (see :mod:`dlvm_jax.models`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dlvm_jax import distributions as dists
+
+Params = Any
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Metrics]]
+OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("reparam", "stl")
+
+
+def check_num_samples(num_samples: int, name: str = "num_samples") -> int:
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"{name} (the number of Monte Carlo / importance samples K) must be an integer >= 1, "
+                         f"got {num_samples}")
+    return int(num_samples)
+
+
+def elbo_terms(
+    model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_samples: int = 1, analytic_kl: bool = True,
+    stop_q_grad: bool = False,
+) -> Metrics:
+    """Per-example ELBO pieces: ``rec`` = E_q log p(x|z), ``kl`` = KL(q||p) (analytic or MC), ``elbo`` = rec - kl."""
+    q = model.encode(params, x)
+    prior = model.prior(params)
+    z = q.sample(seed=key, sample_shape=num_samples)
+    rec = jnp.mean(model.decode(params, z).log_prob(x))
+    if analytic_kl:
+        kl = dists.kl_divergence(q, prior)
+    else:
+        q_eval = model.encode(jax.lax.stop_gradient(params), x) if stop_q_grad else q
+        kl = jnp.mean(q_eval.log_prob(z) - prior.log_prob(z))
+    return {"elbo": rec - kl, "rec": rec, "kl": kl}
+
+
+def elbo(model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_samples: int = 1,
+         analytic_kl: bool = True) -> jax.Array:
+    """The evidence lower bound of one example."""
+    return elbo_terms(model, params, x, key, num_samples=num_samples, analytic_kl=analytic_kl)["elbo"]
+
+
+def iwae(model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_samples: int,
+         stop_q_grad: bool = False) -> jax.Array:
+    """The importance-weighted bound of one example: logsumexp(log w) - log K."""
+    log_w = model.log_weights(params, x, key, num_samples, stop_q_grad=stop_q_grad)
+    return jax.nn.logsumexp(log_w) - math.log(num_samples)
+
+
+def kl_weight(step: jax.Array, *, beta: float = 1.0, warmup_steps: int = 0) -> jax.Array:
+    """KL weight at ``step``: ``beta * min(1, step / warmup_steps)`` (linear warm-up), ``beta`` without warm-up."""
+    if warmup_steps <= 0:
+        return jnp.asarray(beta, jnp.float32)
+    return beta * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+
+
+def make_loss(
+    model: Any,
+    *,
+    objective: str = "elbo",
+    num_samples: int = 1,
+    analytic_kl: bool = True,
+    beta: float = 1.0,
+    warmup_steps: int = 0,
+    estimator: str = "reparam",
+) -> LossFn:
+    """Batch loss ``loss_fn(params, batch, key, step) -> (loss, metrics)``: minus the batch mean of the objective.
+
+    ``objective`` is ``"elbo"`` or ``"iwae"``; ``estimator`` ``"stl"`` drops the score term of log q (Roeder et al.
+    2017; with the MC-KL ELBO or IWAE). ``metrics`` always holds ``loss`` and ``elbo`` (or ``iwae``) batch means.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown gradient estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    num_samples = check_num_samples(num_samples)
+    if beta < 0:
+        raise ValueError(f"the KL weight beta must be >= 0, got {beta}")
+    stl = estimator == "stl"
+    if stl and objective == "elbo" and analytic_kl:
+        analytic_kl = False  # STL is defined on the Monte-Carlo form of log q
+
+    def per_example(params: Params, x: jax.Array, key: jax.Array, weight: jax.Array) -> tuple[jax.Array, Metrics]:
+        if objective == "iwae":
+            value = iwae(model, params, x, key, num_samples=num_samples, stop_q_grad=stl)
+            return value, {"iwae": value}
+        terms = elbo_terms(model, params, x, key, num_samples=num_samples, analytic_kl=analytic_kl, stop_q_grad=stl)
+        return terms["rec"] - weight * terms["kl"], terms
+
+    def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
+        weight = kl_weight(step, beta=beta, warmup_steps=warmup_steps)
+        keys = jax.random.split(key, batch.shape[0])
+        values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, keys, weight)
+        loss = -jnp.mean(values)
+        metrics = {k: jnp.mean(v) for k, v in terms.items()}
+        metrics["loss"] = loss
+        if objective == "elbo":
+            metrics["beta"] = weight
+        return loss, metrics
+
+    return loss_fn
