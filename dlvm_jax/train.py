@@ -63,9 +63,10 @@ def check_batch_size(batch_size: int, num_examples: int) -> int:
     return int(batch_size)
 
 
-def make_epoch(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int) -> Callable:
-    """Jitted ``epoch(state, data) -> (state, mean metrics)``: one pass over a random permutation of ``data``
-    (the remainder that does not fill a batch is left out of this epoch), ``lax.scan`` over the batches."""
+def epoch_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int) -> Callable:
+    """Unjitted ``epoch(state, data) -> (state, mean metrics)``: one pass over a random permutation of ``data``
+    (the remainder that does not fill a batch is left out of this epoch), ``lax.scan`` over the batches.
+    Compose it freely (``jax.vmap`` over independent restarts, ``jax.jit``); :func:`make_epoch` jits it."""
 
     def epoch(state: TrainState, data: jax.Array) -> tuple[TrainState, Metrics]:
         num_batches = data.shape[0] // batch_size
@@ -75,7 +76,12 @@ def make_epoch(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batc
         state, metrics = jax.lax.scan(lambda s, b: _step(loss_fn, optimizer, s, b), state._replace(key=key), batches)
         return state, jax.tree.map(jnp.mean, metrics)
 
-    return jax.jit(epoch, donate_argnums=0)
+    return epoch
+
+
+def make_epoch(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int) -> Callable:
+    """Jitted, state-donating :func:`epoch_fn`."""
+    return jax.jit(epoch_fn(loss_fn, optimizer, batch_size=batch_size), donate_argnums=0)
 
 
 def make_evaluator(loss_fn: LossFn, *, batch_size: int) -> Callable:

@@ -1,0 +1,145 @@
+"""Matplotlib figures written to PNG files (Agg backend: no display needed).
+
+* :func:`image_grid`: a grid of images (samples), from flat 64-vectors (8x8 digits), flat 784-vectors
+  (28x28), or (28, 28, 1) / (H, W) images.
+* :func:`reconstruction_grid`: originals on the top row, their reconstructions below.
+* :func:`training_curves`: train loss and test loss / ELBO against the epoch, from the ``fit`` history.
+* :func:`scatter`: 2-D data against model samples (for non-image data such as the spiral).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def image_side(data_shape: Sequence[int]) -> tuple[int, int] | None:
+    """(height, width) if examples of ``data_shape`` can be shown as grey-scale images, else None.
+
+    Flat vectors whose length is a perfect square of at least 16 (64 -> 8x8, 784 -> 28x28), (H, W) and
+    (H, W, 1) arrays count as images."""
+    shape = tuple(int(d) for d in data_shape)
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        return (side, side) if side * side == shape[0] and side >= 4 else None
+    if len(shape) == 2:
+        return shape
+    if len(shape) == 3 and shape[-1] == 1:
+        return shape[:2]
+    return None
+
+
+def to_images(x: Any) -> np.ndarray:
+    """Array of examples (N, ...) -> grey-scale images (N, H, W); ``ValueError`` if they are not images."""
+    x = np.asarray(x, dtype=np.float32)
+    hw = image_side(x.shape[1:])
+    if hw is None:
+        raise ValueError(f"cannot show examples of shape {tuple(x.shape[1:])} as images")
+    return x.reshape((x.shape[0],) + hw)
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: Any, path: str | os.PathLike, title: str | None = None, *, ncols: int | None = None,
+               row_labels: Sequence[str] | None = None) -> Path:
+    """Write ``images`` (N examples of an image shape, see :func:`image_side`) as a grid PNG; values are
+    clipped to [0, 1] after scaling by the overall min / max when they fall outside it."""
+    imgs = to_images(images)
+    n = imgs.shape[0]
+    lo, hi = float(imgs.min()), float(imgs.max())
+    if lo < 0.0 or hi > 1.0:  # e.g. Gaussian-likelihood data: show on the data's own range
+        imgs = (imgs - lo) / max(hi - lo, 1e-8)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.9, nrows * 0.9 + (0.4 if title else 0.0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < n:
+            ax.imshow(imgs[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    if row_labels:
+        for r, label in enumerate(row_labels[:nrows]):
+            axes[r, 0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def reconstruction_grid(originals: Any, reconstructions: Any, path: str | os.PathLike,
+                        title: str | None = "originals (top) and reconstructions (bottom)") -> Path:
+    """Originals on the top row and their reconstructions on the row below, one column per example."""
+    a, b = to_images(originals), to_images(reconstructions)
+    if a.shape != b.shape:
+        raise ValueError(f"originals {a.shape} and reconstructions {b.shape} differ in shape")
+    return image_grid(np.concatenate([a, b]), path, title, ncols=a.shape[0], row_labels=["data", "recon."])
+
+
+def training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Train loss and test loss against the epoch (left), and the test ELBO (right) when the history has it."""
+    has_elbo = any("test_elbo" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if has_elbo else 1, figsize=(10 if has_elbo else 5.5, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    for key, label, style in (("train_loss", "train loss", "-"), ("test_loss", "test loss", "--")):
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), style, marker="." if len(pts) < 30 else None, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats per example)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if has_elbo:
+        ax = axes[0, 1]
+        pts = [(h["epoch"], h["test_elbo"]) for h in history if "test_elbo" in h]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, color="C2")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test ELBO (nats per example)")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scatter(data: Any, samples: Any, path: str | os.PathLike, title: str | None = None, *,
+            max_points: int = 5000) -> Path:
+    """2-D data (left) and model samples (right) on the same axes limits (the first two columns of (N, D) arrays)."""
+    data, samples = np.asarray(data, np.float32), np.asarray(samples, np.float32)
+    for name, a in (("data", data), ("samples", samples)):
+        if a.ndim != 2 or a.shape[1] < 2:
+            raise ValueError(f"scatter needs (N, D >= 2) arrays, got {name} of shape {a.shape}")
+    data, samples = data[:max_points, :2], samples[:max_points, :2]
+    both = np.concatenate([data, samples])
+    lo, hi = np.percentile(both, 0.5, axis=0), np.percentile(both, 99.5, axis=0)
+    pad = 0.1 * (hi - lo)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.3), sharex=True, sharey=True)
+    for ax, a, label, color in ((axes[0], data, "data", "C0"), (axes[1], samples, "samples", "C1")):
+        ax.scatter(a[:, 0], a[:, 1], s=3, alpha=0.5, color=color)
+        ax.set_title(f"{label} (n={a.shape[0]})", fontsize=10)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_aspect("equal", adjustable="box")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["image_side", "to_images", "image_grid", "reconstruction_grid", "training_curves", "scatter"]
