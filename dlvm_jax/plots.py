@@ -143,3 +143,40 @@ def scatter(data: Any, samples: Any, path: str | os.PathLike, title: str | None 
 
 
 __all__ = ["image_side", "to_images", "image_grid", "reconstruction_grid", "training_curves", "scatter"]
+
+
+def cluster_figure(samples_per_cluster: Sequence[Any], data: Any, assignments: Any, path: str | os.PathLike,
+                   title: str | None = None, *, grid_size: int = 150) -> Path:
+    """The GMVAE figure for 2-D data. Top: density contours (Gaussian KDE) of the decoded samples drawn from each
+    cluster, one colour per cluster. Bottom: the data coloured by their most probable cluster."""
+    from scipy.stats import gaussian_kde
+
+    data = np.asarray(data)
+    assignments = np.asarray(assignments)
+    k = len(samples_per_cluster)
+    colours = plt.get_cmap("tab10" if k <= 10 else "tab20")(np.arange(k) % (10 if k <= 10 else 20))
+    lo = data.min(0) - 0.15 * np.ptp(data, 0)
+    hi = data.max(0) + 0.15 * np.ptp(data, 0)
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], grid_size), np.linspace(lo[1], hi[1], grid_size))
+    fig, axes = plt.subplots(2, 1, figsize=(5.5, 10), sharex=True, sharey=True)
+    for c, samples in enumerate(samples_per_cluster):
+        s = np.asarray(samples)[:, :2]
+        if s.shape[0] < 3 or np.any(np.std(s, 0) < 1e-9):
+            axes[0].scatter(s[:, 0], s[:, 1], s=2, color=colours[c])
+            continue
+        kde = gaussian_kde(s.T)
+        dens = kde(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+        # Levels at quantiles of the density over the samples: the contours enclose ~95/75/50/25% of the mass.
+        levels = np.unique(np.percentile(kde(s[:1000].T), [5, 25, 50, 75]))
+        axes[0].contour(gx, gy, dens, levels=levels, colors=[colours[c]], linewidths=1.0)
+    axes[0].set_title("decoded samples per cluster (KDE contours: 95, 75, 50, 25% of mass)")
+    for c in range(k):
+        sel = assignments == c
+        axes[1].scatter(data[sel, 0], data[sel, 1], s=2, color=colours[c], label=f"cluster {c} ({sel.sum()})")
+    axes[1].set_title("data coloured by most probable cluster")
+    axes[1].legend(markerscale=5, fontsize=7, loc="best")
+    for ax in axes:
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -228,3 +228,118 @@ def fit(
 def stack_metrics(history: list[dict[str, Any]], key: str) -> np.ndarray:
     """One metric across the history records that have it."""
     return np.array([h[key] for h in history if key in h])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Independent restarts, trained side by side with vmap, the best kept
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_scorer(model: Any, *, num_samples: int = 50, batch_size: int = 500) -> Callable:
+    """Jitted ``score(params, data, key)``: mean importance-sampled log p(x) over ``data`` (K = ``num_samples``),
+    the unsupervised criterion that picks among restarts. Vectorises over a leading restart axis of ``params``."""
+
+    def one(params: Params, batches: jax.Array, key: jax.Array) -> jax.Array:
+        def batch_score(kb):
+            keys = jax.random.split(kb[0], kb[1].shape[0])
+            log_w = jax.vmap(lambda x, k: model.log_weights(params, x, k, num_samples))(kb[1], keys)
+            return jnp.mean(jax.nn.logsumexp(log_w, axis=-1) - math.log(num_samples))
+
+        keys = jax.random.split(key, batches.shape[0])
+        return jnp.mean(jax.lax.map(batch_score, (keys, batches)))
+
+    batched = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+
+    def score(params: Params, data: jax.Array, key: jax.Array) -> np.ndarray:
+        n = data.shape[0]
+        bs = min(batch_size, n)
+        nb = n // bs  # a remainder smaller than one batch is left out of the score
+        return np.asarray(batched(params, jnp.asarray(data[: nb * bs]).reshape((nb, bs) + data.shape[1:]), key))
+
+    return score
+
+
+def fit_restarts(
+    model: Any,
+    train_data: Any,
+    *,
+    init_fn: Callable[[jax.Array], Params],
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    restarts: int,
+    batch_size: int,
+    epochs: int,
+    test_data: Any | None = None,
+    eval_loss_fn: LossFn | None = None,
+    eval_every: int = 1,
+    metrics_path: str | os.PathLike | None = None,
+    time_limit: float | None = None,
+    progress: bool = True,
+    score_samples: int = 50,
+) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
+    """Train ``restarts`` independent initialisations at once (``vmap`` of :func:`epoch_fn`), then keep the one
+    with the highest importance-sampled log-likelihood of the training data (K = ``score_samples``), like the
+    ``n_init`` of k-means or a Gaussian mixture: nothing but the model's own fit to the data decides.
+
+    Returns the chosen restart's state, its history (records as :func:`fit` writes them) and a selection record
+    with every restart's score. ``metrics_path`` receives one record per evaluation with a value per restart.
+    """
+    train_data = jnp.asarray(train_data)
+    batch_size = check_batch_size(batch_size, train_data.shape[0])
+    if int(restarts) != restarts or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts}")
+    eval_every = max(1, int(eval_every))
+    keys = jax.random.split(key, restarts)
+    states = jax.vmap(lambda k: init_state(init_fn(jax.random.fold_in(k, 0)), optimizer, jax.random.fold_in(k, 1)))(
+        keys)
+    epoch = jax.jit(jax.vmap(epoch_fn(loss_fn, optimizer, batch_size=batch_size), in_axes=(0, None)),
+                    donate_argnums=0)
+    eval_fn = eval_loss_fn or loss_fn
+    big = jnp.asarray(10**9)
+    evaluate = None
+    if test_data is not None:
+        test_data = jnp.asarray(test_data)
+        evaluate = jax.jit(jax.vmap(lambda p, k: eval_fn(p, test_data, k, big)[1], in_axes=(0, None)))
+    eval_key = jax.random.fold_in(key, 10**6)
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    def record(ep: int, train_metrics: dict[str, np.ndarray] | None) -> None:
+        rec: dict[str, Any] = {"epoch": ep, "step": int(states.step[0]),
+                               "seconds": round(time.perf_counter() - start, 3)}
+        if train_metrics:
+            rec.update({f"train_{k}": np.asarray(v).tolist() for k, v in train_metrics.items()})
+        if evaluate is not None:
+            rec.update({f"test_{k}": np.asarray(v).tolist() for k, v in evaluate(states.params, eval_key).items()})
+        history.append(rec)
+        if metrics_path is not None:
+            append_jsonl(metrics_path, rec)
+
+    record(0, None)
+    bar = tqdm(range(1, epochs + 1), desc=f"train x{restarts}", disable=not progress, unit="epoch")
+    for ep in bar:
+        states, metrics = epoch(states, train_data)
+        out_of_time = time_limit is not None and time.perf_counter() - start > time_limit
+        if ep % eval_every == 0 or ep == epochs or out_of_time:
+            train_metrics = jax.device_get(metrics)
+            if not np.all(np.isfinite(train_metrics["loss"])):
+                bar.close()
+                raise FloatingPointError(f"the training loss became non-finite by epoch {ep} in restart(s) "
+                                         f"{np.nonzero(~np.isfinite(train_metrics['loss']))[0].tolist()}; "
+                                         "lower the learning rate")
+            record(ep, train_metrics)
+            bar.set_postfix(best_train_loss=f"{float(np.min(train_metrics['loss'])):.3f}")
+        if out_of_time:
+            break
+    bar.close()
+    scores = make_scorer(model, num_samples=score_samples)(states.params, train_data, jax.random.fold_in(key, 7))
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    best = int(np.argmax(scores))
+    chosen = jax.tree.map(lambda a: a[best], states)
+    reduced = [{k: (v[best] if isinstance(v, list) else v) for k, v in rec.items()} for rec in history]
+    selection = {"restarts": int(restarts), "chosen": best, "train_log_px": scores.tolist(),
+                 "score_samples": int(score_samples), "seconds": round(time.perf_counter() - start, 3)}
+    if metrics_path is not None:
+        append_jsonl(metrics_path, {"selection": selection})
+    return chosen, reduced, selection

@@ -1,0 +1,227 @@
+r"""Gaussian-mixture VAE (Dilokthanakul et al. 2016, arXiv 1611.02648) as pure functions over a params pytree.
+
+Generative model (our l is the paper's x, our x the paper's y):
+
+    w ~ N(0, I),   z ~ Cat(1/K),   l | w, z=k ~ N(mu_k(w), diag sigma_k(w)^2),   x | l ~ likelihood(decoder(l))
+
+Inference: q(w | x) q(l | x), two diagonal Gaussians from one encoder. The cluster posterior is exact given (l, w):
+
+    p(z=k | l, w) = pi_k N(l; mu_k(w), sigma_k(w)) / sum_j pi_j N(l; mu_j(w), sigma_j(w))
+
+so z is never sampled. Minus the ELBO, per example, with M samples (w_m, l_m) ~ q(w|x) q(l|x):
+
+    loss = - (1/M) sum_m log p(x | l_m)                                          (reconstruction)
+           + (1/M) sum_m sum_k p(z=k | l_m, w_m) KL(q(l|x) || p(l | w_m, z=k))   (conditional prior)
+           + KL(q(w|x) || N(0, I))                                               (w prior)
+           + max(lambda, (1/M) sum_m KL(p(z | l_m, w_m) || Cat(1/K)))            (z prior, free bits lambda)
+
+The free-bits clamp acts on the batch mean of the z-prior term: below lambda it contributes no gradient.
+As in the paper, the conditional-prior term weights each closed-form KL by p(z=k | l_m, w_m) at the sample, so
+this loss equals minus the ELBO exactly only when the cluster weights do not vary with l (e.g. K = 1); the exact
+ELBO is the mean of :meth:`GMVAE.log_weights`, whose log-mean-exp is the importance-sampled log p(x).
+Every function is written for ONE example and vectorised over clusters and samples (no Python loops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dlvm_jax import distributions as dists
+from dlvm_jax.networks import MLP
+from dlvm_jax.objectives import LossFn, Metrics, check_num_samples
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GMVAEConfig:
+    """GMVAE architecture. Defaults: the spiral experiment (2-D data, l and w 2-D, K=5 arcs, hidden 100)."""
+
+    data_shape: tuple[int, ...] = (2,)
+    clusters: int = 5
+    local_dim: int = 2  # l (the paper's x)
+    global_dim: int = 2  # w
+    hidden: tuple[int, ...] = (100,)
+    prior_hidden: tuple[int, ...] = (100,)
+    activation: str = "tanh"
+    likelihood: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_shape", tuple(int(d) for d in self.data_shape))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "prior_hidden", tuple(int(h) for h in self.prior_hidden))
+        dists.check_likelihood(self.likelihood)
+        for name in ("clusters", "local_dim", "global_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def data_size(self) -> int:
+        return math.prod(self.data_shape)
+
+
+class GMVAE:
+    """The GMVAE: ``init``, ``encode``, ``decode``, ``conditional_prior``, ``cluster_posterior``, ``log_weights``."""
+
+    def __init__(self, config: GMVAEConfig):
+        self.config = config
+        c = config
+        self.encoder = MLP(c.hidden, 2 * (c.global_dim + c.local_dim), c.activation, in_ndims=len(c.data_shape))
+        self.prior_net = MLP(c.prior_hidden, 2 * c.clusters * c.local_dim, c.activation)
+        self.decoder = MLP(tuple(reversed(c.hidden)), dists.likelihood_param_size(c.likelihood, c.data_size),
+                           c.activation)
+
+    def __hash__(self) -> int:
+        return hash(self.config)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GMVAE) and other.config == self.config
+
+    def init(self, key: jax.Array) -> Params:
+        c = self.config
+        ke, kp, kd = jax.random.split(key, 3)
+        return {
+            "encoder": self.encoder.init(ke, jnp.zeros(c.data_shape))["params"],
+            "prior": self.prior_net.init(kp, jnp.zeros((c.global_dim,)))["params"],
+            "decoder": self.decoder.init(kd, jnp.zeros((c.local_dim,)))["params"],
+        }
+
+    # -- distributions ------------------------------------------------------------------------------------------
+    def encode(self, params: Params, x: jax.Array) -> tuple[dists.Distribution, dists.Distribution]:
+        """(q(w | x), q(l | x)), diagonal Gaussians with event shapes (global_dim,) and (local_dim,)."""
+        out = self.encoder.apply({"params": params["encoder"]}, x)
+        w_raw, l_raw = jnp.split(out, [2 * self.config.global_dim], axis=-1)
+        return dists.diag_gaussian_from_raw(w_raw), dists.diag_gaussian_from_raw(l_raw)
+
+    def decode(self, params: Params, l: jax.Array) -> dists.Distribution:
+        """p(x | l) for l of shape (..., local_dim)."""
+        out = self.decoder.apply({"params": params["decoder"]}, l)
+        return dists.likelihood_dist(self.config.likelihood, out, self.config.data_shape)
+
+    def prior_w(self, params: Params) -> dists.Distribution:
+        del params
+        return dists.standard_normal(self.config.global_dim)
+
+    def conditional_prior(self, params: Params, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Means and standard deviations of p(l | w, z=k) for all k: two arrays of shape (..., K, local_dim)."""
+        c = self.config
+        out = self.prior_net.apply({"params": params["prior"]}, w)
+        out = out.reshape(out.shape[:-1] + (c.clusters, 2 * c.local_dim))
+        loc, raw = jnp.split(out, 2, axis=-1)
+        return loc, dists.positive_scale(raw)
+
+    def log_pi(self) -> jax.Array:
+        k = self.config.clusters
+        return jnp.full((k,), -math.log(k))
+
+    def component_log_probs(self, params: Params, l: jax.Array, w: jax.Array) -> jax.Array:
+        """log pi_k + log N(l; mu_k(w), sigma_k(w)) for every k; shape (..., K)."""
+        loc, scale = self.conditional_prior(params, w)
+        log_n = dists.diag_gaussian(loc, scale).log_prob(l[..., None, :])
+        return self.log_pi() + log_n
+
+    def cluster_posterior(self, params: Params, l: jax.Array, w: jax.Array) -> jax.Array:
+        """p(z | l, w) in closed form (Bayes' rule over the K components); shape (..., K), sums to 1."""
+        return jax.nn.softmax(self.component_log_probs(params, l, w), axis=-1)
+
+    # -- objective ------------------------------------------------------------------------------------------------
+    def loss_terms(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int = 1) -> Metrics:
+        """Per-example ELBO terms (all in nats, positive KLs): ``rec``, ``cond_prior``, ``w_prior``, ``z_prior``."""
+        q_w, q_l = self.encode(params, x)
+        k_w, k_l = jax.random.split(key)
+        w = q_w.sample(seed=k_w, sample_shape=num_samples)  # (M, Dw)
+        l = q_l.sample(seed=k_l, sample_shape=num_samples)  # (M, Dl)
+        rec = jnp.mean(self.decode(params, l).log_prob(x))
+        loc, scale = self.conditional_prior(params, w)  # (M, K, Dl)
+        log_joint = self.log_pi() + dists.diag_gaussian(loc, scale).log_prob(l[:, None, :])  # (M, K)
+        post = jax.nn.softmax(log_joint, axis=-1)
+        log_post = jax.nn.log_softmax(log_joint, axis=-1)
+        kl_l = dists.kl_diag_gaussians(q_l.loc, q_l.scale_diag, loc, scale)  # (M, K)
+        cond_prior = jnp.mean(jnp.sum(post * kl_l, axis=-1))
+        w_prior = dists.kl_divergence(q_w, self.prior_w(params))
+        z_prior = jnp.mean(jnp.sum(post * (log_post - self.log_pi()), axis=-1))
+        return {"rec": rec, "cond_prior": cond_prior, "w_prior": w_prior, "z_prior": z_prior,
+                "elbo": rec - cond_prior - w_prior - z_prior}
+
+    def log_weights(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int, *,
+                    stop_q_grad: bool = False) -> jax.Array:
+        """log p(x, l, w) - log q(l, w | x) with z summed out; shape (num_samples,). Feeds the IS estimator."""
+        q_w, q_l = self.encode(params, x)
+        k_w, k_l = jax.random.split(key)
+        w = q_w.sample(seed=k_w, sample_shape=num_samples)
+        l = q_l.sample(seed=k_l, sample_shape=num_samples)
+        if stop_q_grad:
+            q_w, q_l = self.encode(jax.lax.stop_gradient(params), x)
+        log_p_l = jax.nn.logsumexp(self.component_log_probs(params, l, w), axis=-1)
+        log_p = self.decode(params, l).log_prob(x) + log_p_l + self.prior_w(params).log_prob(w)
+        return log_p - q_w.log_prob(w) - q_l.log_prob(l)
+
+    # -- use --------------------------------------------------------------------------------------------------------
+    def assign_probs(self, params: Params, x: jax.Array, key: jax.Array | None = None,
+                     num_samples: int = 0) -> jax.Array:
+        """Cluster probabilities of one example: p(z | l, w) at the posterior means, or (``num_samples`` > 0)
+        averaged over samples of q(w | x) q(l | x)."""
+        q_w, q_l = self.encode(params, x)
+        if num_samples <= 0 or key is None:
+            return self.cluster_posterior(params, q_l.mean(), q_w.mean())
+        k_w, k_l = jax.random.split(key)
+        w = q_w.sample(seed=k_w, sample_shape=num_samples)
+        l = q_l.sample(seed=k_l, sample_shape=num_samples)
+        return jnp.mean(self.cluster_posterior(params, l, w), axis=0)
+
+    def predict(self, params: Params, data: jax.Array) -> jax.Array:
+        """Most probable cluster of every row of ``data`` (posterior means); int32 array (N,)."""
+        probs = jax.vmap(lambda x: self.assign_probs(params, x))(data)
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+    def sample(self, params: Params, key: jax.Array, num: int, cluster: int | None = None,
+               mean: bool = True) -> jax.Array:
+        """Draw ``num`` data points from the prior, or from one ``cluster``: w ~ N(0, I), l ~ p(l | w, z),
+        x ~ p(x | l) (its mean when ``mean``); shape (num, *data_shape)."""
+        c = self.config
+        k_w, k_z, k_l, k_x = jax.random.split(key, 4)
+        w = self.prior_w(params).sample(seed=k_w, sample_shape=num)
+        if cluster is None:
+            z = jax.random.randint(k_z, (num,), 0, c.clusters)
+        else:
+            if not 0 <= cluster < c.clusters:
+                raise ValueError(f"cluster must be in [0, {c.clusters}), got {cluster}")
+            z = jnp.full((num,), cluster)
+        loc, scale = self.conditional_prior(params, w)  # (num, K, Dl)
+        idx = z[:, None, None]
+        loc = jnp.take_along_axis(loc, idx, axis=1)[:, 0]
+        scale = jnp.take_along_axis(scale, idx, axis=1)[:, 0]
+        l = loc + scale * jax.random.normal(k_l, loc.shape)
+        p_x = self.decode(params, l)
+        return dists.likelihood_mean(p_x) if mean else p_x.sample(seed=k_x)
+
+    def sample_clusters(self, params: Params, key: jax.Array, num: int) -> jax.Array:
+        """``num`` decoded samples (means of p(x | l)) from EVERY cluster at once; shape (K, num, *data_shape)."""
+        k_w, k_l = jax.random.split(key)
+        w = self.prior_w(params).sample(seed=k_w, sample_shape=num)
+        loc, scale = self.conditional_prior(params, w)  # (num, K, Dl)
+        l = loc + scale * jax.random.normal(k_l, loc.shape)
+        return jnp.swapaxes(dists.likelihood_mean(self.decode(params, l)), 0, 1)
+
+
+def make_gmvae_loss(model: GMVAE, *, num_samples: int = 1, free_bits: float = 0.5) -> LossFn:
+    """Batch loss ``loss_fn(params, batch, key, step) -> (loss, metrics)`` of the GMVAE (minus the ELBO with the
+    z-prior term clamped below at ``free_bits`` = lambda nats, on its batch mean)."""
+    num_samples = check_num_samples(num_samples)
+    if free_bits < 0:
+        raise ValueError(f"the free-bits threshold lambda must be >= 0, got {free_bits}")
+
+    def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
+        del step
+        keys = jax.random.split(key, batch.shape[0])
+        terms = jax.vmap(lambda x, k: model.loss_terms(params, x, k, num_samples))(batch, keys)
+        means = {k: jnp.mean(v) for k, v in terms.items()}
+        loss = -means["rec"] + means["cond_prior"] + means["w_prior"] + jnp.maximum(means["z_prior"], free_bits)
+        return loss, {**means, "loss": loss}
+
+    return loss_fn

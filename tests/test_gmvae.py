@@ -1,0 +1,171 @@
+"""GMVAE: closed-form cluster posterior, KL terms, free bits, compile-once, and clustering above chance."""
+
+import chex
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.stats import multivariate_normal
+
+from dlvm_jax import data, metrics
+from dlvm_jax.models.gmvae import GMVAE, GMVAEConfig, make_gmvae_loss
+from dlvm_jax.train import init_state, make_epoch, make_train_step
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = GMVAE(GMVAEConfig(clusters=4, local_dim=3, global_dim=2, hidden=(16,), prior_hidden=(16,)))
+    return model, model.init(jax.random.key(0))
+
+
+def test_cluster_posterior_is_bayes_rule(model_and_params):
+    model, params = model_and_params
+    l = jnp.array([0.3, -0.2, 0.5])
+    w = jnp.array([0.1, -0.4])
+    post = np.asarray(model.cluster_posterior(params, l, w), dtype=np.float64)
+    loc, scale = (np.asarray(a, dtype=np.float64) for a in model.conditional_prior(params, w))
+    # Direct Bayes computation with scipy densities and the uniform prior pi_k = 1/K.
+    joint = np.array([0.25 * multivariate_normal(loc[k], np.diag(scale[k] ** 2)).pdf(np.asarray(l))
+                      for k in range(4)])
+    np.testing.assert_allclose(post.sum(), 1.0, atol=1e-6)  # float32 softmax
+    np.testing.assert_allclose(post, joint / joint.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_cluster_posterior_shapes_over_samples(model_and_params):
+    model, params = model_and_params
+    l = jax.random.normal(jax.random.key(1), (7, 3))
+    w = jax.random.normal(jax.random.key(2), (7, 2))
+    post = model.cluster_posterior(params, l, w)
+    chex.assert_shape(post, (7, 4))
+    np.testing.assert_allclose(np.asarray(post.sum(-1)), 1.0, atol=1e-6)
+
+
+def test_conditional_prior_kl_matches_distrax(model_and_params):
+    model, params = model_and_params
+    x = jnp.array([0.4, -0.1])
+    key = jax.random.key(3)
+    terms = model.loss_terms(params, x, key, num_samples=1)
+    # Recompute the conditional-prior term with distrax's own KL, component by component.
+    q_w, q_l = model.encode(params, x)
+    k_w, k_l = jax.random.split(key)
+    w = q_w.sample(seed=k_w, sample_shape=1)
+    l = q_l.sample(seed=k_l, sample_shape=1)
+    loc, scale = model.conditional_prior(params, w)
+    post = model.cluster_posterior(params, l, w)[0]
+    kls = jnp.stack([q_l.kl_divergence(distrax.MultivariateNormalDiag(loc[0, k], scale[0, k])) for k in range(4)])
+    np.testing.assert_allclose(float(terms["cond_prior"]), float(jnp.sum(post * kls)), rtol=1e-5)
+    # KL(q(w|x) || N(0, I)) against distrax as well.
+    ref = q_w.kl_divergence(distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2)))
+    np.testing.assert_allclose(float(terms["w_prior"]), float(ref), rtol=1e-5)
+
+
+def test_single_cluster_z_term_vanishes():
+    model = GMVAE(GMVAEConfig(clusters=1, hidden=(8,), prior_hidden=(8,)))
+    params = model.init(jax.random.key(0))
+    terms = model.loss_terms(params, jnp.array([0.2, 0.3]), jax.random.key(1), num_samples=5)
+    assert abs(float(terms["z_prior"])) < 1e-6  # KL of a point mass against itself
+
+
+def test_free_bits_gradient(model_and_params):
+    model, params = model_and_params
+    batch = jax.random.normal(jax.random.key(4), (16, 2))
+    key = jax.random.key(5)
+
+    def without_z(p):
+        terms = jax.vmap(lambda x, k: model.loss_terms(p, x, k, 1))(batch, jax.random.split(key, 16))
+        return -jnp.mean(terms["rec"]) + jnp.mean(terms["cond_prior"]) + jnp.mean(terms["w_prior"])
+
+    z_value = float(jax.jit(make_gmvae_loss(model, free_bits=0.0))(params, batch, key, 0)[1]["z_prior"])
+    assert z_value > 0.0
+    g_ref = jax.jit(jax.grad(without_z))(params)
+    # Threshold above the z-term: the clamp is active and the z-term adds no gradient.
+    g_below = jax.jit(jax.grad(lambda p: make_gmvae_loss(model, free_bits=z_value + 1.0)(p, batch, key, 0)[0]))(params)
+    chex.assert_trees_all_close(g_below, g_ref, atol=1e-6)
+    # Threshold below the z-term: it pushes.
+    g_above = jax.jit(jax.grad(lambda p: make_gmvae_loss(model, free_bits=0.0)(p, batch, key, 0)[0]))(params)
+    diff = jax.tree.reduce(lambda a, b: a + b, jax.tree.map(lambda a, b: float(jnp.sum(jnp.abs(a - b))),
+                                                            g_above, g_ref))
+    assert diff > 1e-4
+
+
+def test_loss_equals_minus_elbo_without_clamp(model_and_params):
+    model, params = model_and_params
+    batch = jax.random.normal(jax.random.key(6), (8, 2))
+    loss, m = jax.jit(make_gmvae_loss(model, num_samples=3, free_bits=0.0))(params, batch, jax.random.key(7), 0)
+    np.testing.assert_allclose(float(loss), -float(m["elbo"]), rtol=1e-5)
+
+
+def test_log_weights_match_loss_terms_for_one_cluster():
+    """With K=1 the cluster weight is constant, so the paper's decomposition is the exact ELBO: the mean of the
+    IS log-weights and the loss terms' ELBO estimate the same expectation."""
+    model = GMVAE(GMVAEConfig(clusters=1, hidden=(16,), prior_hidden=(16,)))
+    params = model.init(jax.random.key(0))
+    x = jnp.array([0.1, 0.2])
+    n = 20000
+    log_w = jax.jit(model.log_weights, static_argnums=3)(params, x, jax.random.key(8), n)
+    chex.assert_shape(log_w, (n,))
+    elbos = jax.jit(jax.vmap(lambda k: model.loss_terms(params, x, k, 1)["elbo"]))(
+        jax.random.split(jax.random.key(9), n))
+    # Two independent estimates of one expectation: within 4 standard errors of their difference.
+    se = float(jnp.sqrt(jnp.var(log_w) / n + jnp.var(elbos) / n))
+    assert abs(float(jnp.mean(log_w)) - float(jnp.mean(elbos))) < 4 * se
+    # And the importance-sampled log p(x) lies above the ELBO.
+    assert float(jax.nn.logsumexp(log_w) - np.log(n)) > float(jnp.mean(log_w))
+
+
+def test_train_step_compiles_once():
+    model = GMVAE(GMVAEConfig(hidden=(8,), prior_hidden=(8,)))
+    opt = optax.adam(1e-3)
+    traces = []
+
+    base = make_gmvae_loss(model, num_samples=2)
+
+    def loss_fn(*args):
+        traces.append(1)
+        return base(*args)
+
+    step = make_train_step(loss_fn, opt)
+    state = init_state(model.init(jax.random.key(0)), opt, jax.random.key(1))
+    state, _ = step(state, jnp.ones((10, 2)))
+    state, _ = step(state, jax.random.normal(jax.random.key(2), (10, 2)))
+    assert len(traces) == 1
+
+
+def test_sampling_per_cluster_shapes(model_and_params):
+    model, params = model_and_params
+    xs = model.sample(params, jax.random.key(0), 11, cluster=2)
+    chex.assert_shape(xs, (11, 2))
+    with pytest.raises(ValueError, match="cluster must be in"):
+        model.sample(params, jax.random.key(0), 3, cluster=4)
+
+
+def test_short_training_beats_chance():
+    x, y = data.make_spiral(500, seed=0)
+    model = GMVAE(GMVAEConfig(clusters=5, hidden=(64,), prior_hidden=(64,)))
+    opt = optax.adam(3e-3)
+    epoch = make_epoch(make_gmvae_loss(model), opt, batch_size=100)
+    state = init_state(model.init(jax.random.key(0)), opt, jax.random.key(1))
+    xs = jnp.asarray(x)
+    for _ in range(200):
+        state, _ = epoch(state, xs)
+    acc = metrics.hungarian_accuracy(y, np.asarray(model.predict(state.params, xs)))
+    # Chance for 5 balanced arcs is 0.2 (plus a little from the best matching of a random labelling).
+    assert acc > 0.4, acc
+
+
+def test_clustering_metrics():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert metrics.hungarian_accuracy(y, np.array([2, 2, 0, 0, 1, 1])) == 1.0
+    assert metrics.nmi(y, np.array([2, 2, 0, 0, 1, 1])) == pytest.approx(1.0)
+    # Two clusters merged: one-to-one gets 4/6; many-to-one labels both merged points' cluster with one label.
+    merged = np.array([0, 0, 0, 0, 1, 1])
+    assert metrics.hungarian_accuracy(y, merged) == pytest.approx(4 / 6)
+    assert metrics.many_to_one_accuracy(y, merged) == pytest.approx(4 / 6)
+    # One label split over three clusters: many-to-one forgives splitting, Hungarian does not.
+    split = np.array([0, 1, 2, 2, 3, 3])
+    assert metrics.many_to_one_accuracy(y, split) == 1.0
+    assert metrics.hungarian_accuracy(y, split) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.hungarian_accuracy(y, np.array([0, 1]))
