@@ -71,8 +71,11 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 10
     time_limit: float | None = None
+    restarts: int = 1
 
     def __post_init__(self) -> None:
+        if self.restarts < 1:
+            raise ValueError(f"--restarts must be >= 1, got {self.restarts}")
         if self.epochs < 0:
             raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
@@ -177,6 +180,7 @@ class ModelKind:
     init(model, key, dataset) -> params.
     predict(model, params, x) -> array of per-example predictions (None: ``dlvm predict`` refuses).
     figures(run_dir, model, params, dataset, key) -> extra figure paths written after training (optional).
+    defaults: this kind's defaults for ``data``, ``epochs``, ``batch_size``, ``lr``, ``eval_every``, ``restarts``.
 
     The model's ``sample(params, key, num)`` and ``reconstruct(params, x)`` (when present) make the standard
     figures; ``log_weights`` makes ``dlvm evaluate`` work.
@@ -194,6 +198,8 @@ class ModelKind:
     init: Callable[[Any, Any, Any], Any]
     predict: Callable[[Any, Any, np.ndarray], np.ndarray] | None = None
     figures: Callable[[Path, Any, Any, Any, Any], list[Path]] | None = None
+    #: Defaults of ``--data`` and the training options for this kind (the rest: :class:`TrainConfig`).
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}
@@ -303,6 +309,108 @@ register_model(ModelKind(
     build=_build_vae,
     make_losses=vae_losses,
     init=vae_init,
+))
+
+
+@dataclasses.dataclass(frozen=True)
+class GMVAEObjective:
+    """Training objective of a GMVAE (see :func:`dlvm_jax.models.gmvae.make_gmvae_loss`)."""
+
+    num_samples: int = 1
+    free_bits: float = 0.5
+
+
+def add_gmvae_arguments(p: argparse.ArgumentParser) -> None:
+    from dlvm_jax.models.gmvae import GMVAEConfig
+    from dlvm_jax.networks import ACTIVATIONS
+
+    d, o = GMVAEConfig(), GMVAEObjective()
+    g = p.add_argument_group("model")
+    g.add_argument("--clusters", "-k", type=int, default=d.clusters, metavar="K",
+                   help=f"mixture components (clusters) [{d.clusters}]")
+    g.add_argument("--local-dim", type=int, default=d.local_dim, help=f"dimensions of l (the paper's x) [{d.local_dim}]")
+    g.add_argument("--global-dim", type=int, default=d.global_dim, help=f"dimensions of w [{d.global_dim}]")
+    g.add_argument("--hidden", type=parse_int_list, default=d.hidden,
+                   help=f"encoder/decoder hidden widths [{','.join(map(str, d.hidden))}]")
+    g.add_argument("--prior-hidden", type=parse_int_list, default=d.prior_hidden,
+                   help=f"hidden widths of the w -> (mu_k, sigma_k) network [{','.join(map(str, d.prior_hidden))}]")
+    g.add_argument("--activation", choices=sorted(ACTIVATIONS), default=d.activation, help=f"[{d.activation}]")
+    g = p.add_argument_group("objective")
+    g.add_argument("--num-samples", "-M", type=int, default=o.num_samples, metavar="M",
+                   help=f"Monte Carlo samples of (w, l) per example [{o.num_samples}]")
+    g.add_argument("--free-bits", type=float, default=o.free_bits, metavar="LAMBDA",
+                   help=f"the z-prior term stops pushing below LAMBDA nats [{o.free_bits}]")
+
+
+def gmvae_config(args: argparse.Namespace, dataset: Any, likelihood: str) -> Any:
+    from dlvm_jax.models.gmvae import GMVAEConfig
+
+    return GMVAEConfig(data_shape=dataset.data_shape, clusters=args.clusters, local_dim=args.local_dim,
+                       global_dim=args.global_dim, hidden=args.hidden, prior_hidden=args.prior_hidden,
+                       activation=args.activation, likelihood=likelihood)
+
+
+def gmvae_objective(args: argparse.Namespace) -> GMVAEObjective:
+    from dlvm_jax.objectives import check_num_samples
+
+    check_num_samples(args.num_samples, "--num-samples")
+    if args.free_bits < 0:
+        raise ValueError(f"--free-bits must be >= 0, got {args.free_bits}")
+    return GMVAEObjective(num_samples=args.num_samples, free_bits=args.free_bits)
+
+
+def gmvae_losses(model: Any, obj: GMVAEObjective) -> tuple[Callable, Callable]:
+    from dlvm_jax.models.gmvae import make_gmvae_loss
+
+    # Test numbers: the unclamped objective (lambda = 0) with one sample, whatever the training settings.
+    return (make_gmvae_loss(model, num_samples=obj.num_samples, free_bits=obj.free_bits),
+            make_gmvae_loss(model, num_samples=1, free_bits=0.0))
+
+
+def gmvae_predict(model: Any, params: Any, x: np.ndarray) -> np.ndarray:
+    import jax
+
+    return np.asarray(jax.jit(model.predict)(params, x))
+
+
+def gmvae_figures(run_dir: Path, model: Any, params: Any, dataset: Any, key: Any) -> list[Path]:
+    """clusters.png for 2-D data: KDE contours of decoded samples per cluster; the data by cluster."""
+    from dlvm_jax import plots
+
+    x = np.concatenate([dataset.x_train, dataset.x_test])
+    if x.ndim != 2 or x.shape[1] != 2:
+        return []
+    samples = np.asarray(model.sample_clusters(params, key, 2000))
+    return [plots.cluster_figure(list(samples), x, gmvae_predict(model, params, x), run_dir / "clusters.png",
+                                 title=f"GMVAE, K={model.config.clusters}, on {dataset.name}")]
+
+
+def _build_gmvae(config: Any) -> Any:
+    from dlvm_jax.models.gmvae import GMVAE
+
+    return GMVAE(config)
+
+
+def _gmvae_config_cls() -> type:
+    from dlvm_jax.models.gmvae import GMVAEConfig
+
+    return GMVAEConfig
+
+
+register_model(ModelKind(
+    name="gmvae",
+    help="Gaussian-mixture VAE (Dilokthanakul et al. 2016) for unsupervised clustering",
+    config_cls=_gmvae_config_cls(),
+    objective_cls=GMVAEObjective,
+    add_arguments=add_gmvae_arguments,
+    make_config=gmvae_config,
+    make_objective=gmvae_objective,
+    build=_build_gmvae,
+    make_losses=gmvae_losses,
+    init=lambda model, key, dataset: model.init(key),
+    predict=gmvae_predict,
+    figures=gmvae_figures,
+    defaults={"data": "spiral", "epochs": 600, "batch_size": 200, "lr": 1e-3, "eval_every": 100, "restarts": 4},
 ))
 
 
@@ -441,20 +549,20 @@ def write_figures(run_dir: Path, model: Any, params: Any, dataset: Any, history:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, default: str = "digits") -> None:
     from dlvm_jax.distributions import LIKELIHOODS
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits", metavar="NAME|PATH.npy",
-                   help=f"built-in data ({', '.join(DATASETS)}) or an (N, D) .npy file [digits]")
+    g.add_argument("--data", default=default, metavar="NAME|PATH.npy",
+                   help=f"built-in data ({', '.join(DATASETS)}) or an (N, D) .npy file [{default}]")
     g.add_argument("--data-dir", default=None, help="data folder (default: $DLVM_DATA_DIR)")
     g.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
                    help="p(x|z) family [continuous_bernoulli for digits, gaussian otherwise]")
     g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the data [0.2]")
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+def add_train_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    d = dataclasses.replace(TrainConfig(), **{k: v for k, v in (defaults or {}).items() if k != "data"})
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training data [{d.epochs}]")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"[{d.batch_size}]")
@@ -462,6 +570,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help=f"initialisation and training randomness [{d.seed}]")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"test ELBO and checkpoint every N epochs [{d.eval_every}]")
+    g.add_argument("--restarts", type=int, default=d.restarts,
+                   help=f"independent initialisations trained side by side (vmap); the one with the best "
+                        f"importance-sampled log-likelihood of the training data is kept [{d.restarts}]")
     g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop after the first epoch that ends past this many seconds")
     g.add_argument("--run-dir", default=None, help="output folder [runs/<model>-<timestamp>]")
@@ -483,7 +594,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config = kind.make_config(args, dataset, likelihood)
     objective = kind.make_objective(args)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            eval_every=args.eval_every, time_limit=args.time_limit)
+                            eval_every=args.eval_every, time_limit=args.time_limit, restarts=args.restarts)
     train.check_batch_size(train_cfg.batch_size, dataset.x_train.shape[0])
     model = kind.build(model_config)
     train_loss, test_loss = kind.make_losses(model, objective)
@@ -508,15 +619,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     k_init, k_train, k_eval, k_fig = jax.random.split(jax.random.key(train_cfg.seed), 4)
-    params = kind.init(model, k_init, dataset)
     optimizer = optax.adam(train_cfg.lr)
-    state = train.init_state(params, optimizer, k_train)
-    state, history = train.fit(
-        state, dataset.x_train, loss_fn=train_loss, optimizer=optimizer, batch_size=train_cfg.batch_size,
-        epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
-        eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
-        checkpoint_path=run_dir / PARAMS_FILE, time_limit=train_cfg.time_limit, progress=args.progress,
-        eval_key=k_eval)
+    selection = None
+    if train_cfg.restarts == 1:
+        state = train.init_state(kind.init(model, k_init, dataset), optimizer, k_train)
+        state, history = train.fit(
+            state, dataset.x_train, loss_fn=train_loss, optimizer=optimizer, batch_size=train_cfg.batch_size,
+            epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
+            eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
+            checkpoint_path=run_dir / PARAMS_FILE, time_limit=train_cfg.time_limit, progress=args.progress,
+            eval_key=k_eval)
+    else:
+        state, history, selection = train.fit_restarts(
+            model, dataset.x_train, init_fn=lambda k: kind.init(model, k, dataset), loss_fn=train_loss,
+            optimizer=optimizer, key=k_train, restarts=train_cfg.restarts, batch_size=train_cfg.batch_size,
+            epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
+            eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE, time_limit=train_cfg.time_limit,
+            progress=args.progress)
+        train.save_params(run_dir / PARAMS_FILE, state.params)
+        print(f"kept restart {selection['chosen']} of {train_cfg.restarts} (training log p(x), K="
+              f"{selection['score_samples']}: {', '.join(f'{v:.3f}' for v in selection['train_log_px'])})")
     train_seconds = history[-1]["seconds"]
     figures = write_figures(run_dir, model, state.params, dataset, history, k_fig)
     if kind.figures is not None:
@@ -537,6 +659,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         "stopped_by_time_limit": last["epoch"] < train_cfg.epochs,
         "final_train_loss": last.get("train_loss"),
     }
+    if selection is not None:
+        summary["restarts"] = selection
+    if kind.predict is not None and dataset.y_train is not None:
+        from dlvm_jax import metrics
+
+        for split_name, x, y in (("train", dataset.x_train, dataset.y_train), ("test", dataset.x_test, dataset.y_test)):
+            scores = metrics.clustering_scores(y, np.asarray(kind.predict(model, state.params, x)))
+            summary[f"{split_name}_clustering"] = scores
+            print(f"clustering of the {split_name} data ({len(y)} points): accuracy {scores['accuracy']:.4f} "
+                  f"(Hungarian), NMI {scores['nmi']:.4f}, ARI {scores['ari']:.4f}, "
+                  f"{scores['clusters_used']} clusters used")
     write_json(run_dir / SUMMARY_FILE, summary)
     print(f"test ELBO (nats per example): {summary['initial_test_elbo']:.2f} at initialisation -> "
           f"{summary['final_test_elbo']:.2f} after {summary['epochs']} epochs "
@@ -624,9 +757,9 @@ def build_parser() -> ArgumentParser:
     models = p_train.add_subparsers(dest="model", metavar="MODEL", required=True)
     for kind in MODEL_KINDS.values():
         p = models.add_parser(kind.name, help=kind.help, description=f"Train a {kind.help}.")
-        add_data_arguments(p)
+        add_data_arguments(p, kind.defaults.get("data", "digits"))
         kind.add_arguments(p)
-        add_train_arguments(p)
+        add_train_arguments(p, kind.defaults)
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="importance-sampled test log-likelihood of a run")
