@@ -177,3 +177,42 @@ def test_console_script_help() -> None:
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout and "evaluate" in out.stdout and "sample" in out.stdout
+
+
+def test_gmvae_train_and_predict_on_npy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The stable interface: ``dlvm train gmvae --data PATH.npy --clusters K --run-dir DIR`` and
+    ``dlvm predict DIR --data PATH.npy --out OUT.npy`` (int array (N,) of the most probable clusters)."""
+    from dlvm_jax import data
+
+    x, _ = data.make_spiral(400, seed=1)
+    np.save(tmp_path / "points.npy", x)
+    run_dir = tmp_path / "gm"
+    code = cli.main(["train", "gmvae", "--data", str(tmp_path / "points.npy"), "--clusters", "3", "--epochs", "4",
+                     "--restarts", "2", "--batch-size", "50", "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 0
+    for name in ("config.json", "metrics.jsonl", "params.msgpack", "summary.json", "clusters.png", "samples.png"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"]["restarts"] == 2 and summary["restarts"]["chosen"] in (0, 1)
+    assert len(summary["restarts"]["train_log_px"]) == 2
+    code = cli.main(["predict", str(run_dir), "--data", str(tmp_path / "points.npy"), "--out", str(tmp_path / "y.npy")])
+    assert code == 0
+    pred = np.load(tmp_path / "y.npy")
+    assert pred.shape == (400,) and np.issubdtype(pred.dtype, np.integer)
+    assert pred.min() >= 0 and pred.max() < 3
+    # Data of another width than the model's: one clear line, exit 2.
+    np.save(tmp_path / "wide.npy", np.zeros((5, 3), np.float32))
+    capsys.readouterr()
+    code = cli.main(["predict", str(run_dir), "--data", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "z.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gmvae_on_labelled_spiral_prints_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["train", "gmvae", "--epochs", "2", "--restarts", "1", "--run-dir", str(tmp_path / "s"),
+                     "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "NMI" in out
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert 0.0 <= summary["test_clustering"]["accuracy"] <= 1.0

@@ -145,14 +145,16 @@ def test_short_training_beats_chance():
     x, y = data.make_spiral(500, seed=0)
     model = GMVAE(GMVAEConfig(clusters=5, hidden=(64,), prior_hidden=(64,)))
     opt = optax.adam(3e-3)
-    epoch = make_epoch(make_gmvae_loss(model), opt, batch_size=100)
+    epoch = make_epoch(make_gmvae_loss(model), opt, batch_size=50)
     state = init_state(model.init(jax.random.key(0)), opt, jax.random.key(1))
     xs = jnp.asarray(x)
-    for _ in range(200):
+    before = metrics.hungarian_accuracy(y, np.asarray(model.predict(state.params, xs)))
+    for _ in range(150):  # 1,500 steps
         state, _ = epoch(state, xs)
     acc = metrics.hungarian_accuracy(y, np.asarray(model.predict(state.params, xs)))
-    # Chance for 5 balanced arcs is 0.2 (plus a little from the best matching of a random labelling).
-    assert acc > 0.4, acc
+    # Chance for 5 balanced arcs is 0.2 (a little more from the best matching of a random labelling); seeds 0-3
+    # of this setting reached 0.65-1.0 when it was written.
+    assert acc > 0.5 and acc > before + 0.2, (before, acc)
 
 
 def test_clustering_metrics():

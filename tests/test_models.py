@@ -1,0 +1,197 @@
+"""models/: the linear-Gaussian model's closed forms, the VAE's shape contracts and configuration errors."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from dlvm_jax import networks
+from dlvm_jax.models import VAE, LinearGaussian, LinearGaussianConfig, VAEConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear-Gaussian model: the ground truth the estimators are tested against
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _np_gen(params):
+    g = jax.device_get(params["generative"])
+    return (np.asarray(g["W"], np.float64), np.asarray(g["b"], np.float64),
+            np.exp(np.asarray(g["log_psi"], np.float64)))
+
+
+def test_exact_log_prob_matches_scipy(lg_params, lg_data, lg_exact_log_px):
+    w, b, psi = _np_gen(lg_params)
+    ref = scipy.stats.multivariate_normal(b, w @ w.T + np.diag(psi)).logpdf(np.asarray(lg_data, np.float64))
+    # float32 Cholesky of a well-conditioned 5x5 covariance; log-densities ~ -10: 1e-4 absolute.
+    np.testing.assert_allclose(lg_exact_log_px, ref, rtol=0, atol=1e-4)
+
+
+def test_exact_encoder_is_the_posterior(lg_model, lg_exact_params, lg_data):
+    """q*(z|x) has the mean and covariance of p(z|x) (float64 numpy), and Bayes' rule holds pointwise:
+    log p(x|z) + log p(z) - log q*(z|x) = log p(x) for ANY z, not only for z drawn from q."""
+    w, b, psi = _np_gen(lg_exact_params)
+    cov = np.linalg.inv(np.eye(2) + w.T @ np.diag(1 / psi) @ w)
+    x = np.asarray(lg_data[:5], np.float64)
+    mean = (cov @ w.T @ np.diag(1 / psi) @ (x - b).T).T
+
+    @jax.jit
+    def moments_and_bayes(params, x, z):
+        q_mean = jax.vmap(lambda xi: lg_model.encode(params, xi).mean())(x)
+        q_cov = jax.vmap(lambda xi: lg_model.encode(params, xi).covariance())(x)
+        def log_joint_minus_log_q(xi, zi):
+            return (lg_model.decode(params, zi).log_prob(xi) + lg_model.prior(params).log_prob(zi)
+                    - lg_model.encode(params, xi).log_prob(zi))
+
+        log_joint = jax.vmap(log_joint_minus_log_q)(x, z)
+        return q_mean, q_cov, log_joint, jax.vmap(lambda xi: lg_model.exact_log_prob(params, xi))(x)
+
+    z = 2.0 * np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32)  # far from the posterior, too
+    q_mean, q_cov, log_joint, exact = moments_and_bayes(lg_exact_params, jnp.asarray(x, jnp.float32), z)
+    chex.assert_shape(q_mean, (5, 2))
+    chex.assert_shape(q_cov, (5, 2, 2))
+    # float32 inverse/Cholesky of 2x2 matrices: 1e-5 relative and absolute.
+    np.testing.assert_allclose(q_mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(q_cov, np.broadcast_to(cov, (5, 2, 2)), rtol=1e-5, atol=1e-5)
+    # Log-densities of magnitude up to ~20 at z far in the tails: 1e-4 absolute.
+    np.testing.assert_allclose(log_joint, exact, rtol=0, atol=1e-4)
+
+
+def test_default_encoder_is_misspecified(lg_model, lg_params, lg_exact_params, lg_data):
+    """The default init gives a q visibly different from the posterior (the estimators have something to fix)."""
+    kl = jax.jit(jax.vmap(lambda x: lg_model.encode(lg_params, x).kl_divergence(lg_model.encode(lg_exact_params, x))))(
+        lg_data[:10])
+    assert np.all(np.asarray(kl) > 0.5), kl
+
+
+def test_sample_data_matches_marginal(lg_model, lg_params):
+    n = 20_000
+    x = np.asarray(jax.jit(lg_model.sample_data, static_argnums=2)(lg_params, jax.random.key(9), n), np.float64)
+    chex.assert_shape(x, (n, 5))
+    _, b, _ = _np_gen(lg_params)
+    cov = np.asarray(jax.jit(lg_model.marginal_covariance)(lg_params), np.float64)
+    # Statistical: sample mean within 4 standard errors per coordinate; the sample covariance within 4 standard
+    # errors of each entry (sd of a sample covariance entry = sqrt((S_ii S_jj + S_ij^2) / n)).
+    np.testing.assert_array_less(np.abs(x.mean(0) - b), 4 * np.sqrt(np.diag(cov) / n))
+    se_cov = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+    np.testing.assert_array_less(np.abs(np.cov(x.T) - cov), 4 * se_cov)
+
+
+def test_linear_gaussian_shapes(lg_model, lg_params, lg_data):
+    k, b, d = 7, 3, lg_model.config.latent_dim
+
+    @jax.jit
+    def shapes(params, x, key):
+        keys = jax.random.split(key, x.shape[0])
+        return (lg_model.log_weights(params, x[0], key, k),
+                jax.vmap(lambda xi, ki: lg_model.log_weights(params, xi, ki, k))(x, keys),
+                lg_model.encode(params, x[0]).sample(seed=key))
+
+    lw, lw_batch, z = shapes(lg_params, lg_data[:b], jax.random.key(0))
+    chex.assert_shape(lw, (k,))
+    chex.assert_shape(lw_batch, (b, k))
+    chex.assert_shape(z, (d,))
+    assert lg_model.encode(lg_params, lg_data[0]).event_shape == (d,)
+    assert LinearGaussian(LinearGaussianConfig()) == lg_model and hash(LinearGaussian(LinearGaussianConfig())) == hash(
+        lg_model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VAE: shape contracts where samples (K), batch (B), latents (D) and data meet
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    VAEConfig(data_shape=(64,), latent_dim=3, hidden=(16,), likelihood="bernoulli"),
+    VAEConfig(data_shape=(4, 4), latent_dim=2, hidden=(8, 8), likelihood="gaussian", activation="relu",
+              layer_norm=True),
+    VAEConfig(data_shape=(10,), latent_dim=5, hidden=(8,), likelihood="continuous_bernoulli"),
+    VAEConfig(data_shape=(28, 28, 1), latent_dim=3, likelihood="gaussian", network="conv"),
+], ids=["mlp-bernoulli", "mlp-gaussian-2d", "mlp-cb", "conv-gaussian"])
+def test_vae_shape_contracts(config):
+    model = VAE(config)
+    k, b, d = 5, 3, config.latent_dim
+    params = jax.jit(model.init)(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(b,) + config.data_shape), jnp.float32)
+    info = {}
+
+    @jax.jit
+    def run(params, x, key):
+        keys = jax.random.split(key, b)
+        q = model.encode(params, x[0])
+        z = q.sample(seed=key, sample_shape=k)
+        px = model.decode(params, z)
+        info.update(q_event=q.event_shape, q_batch=q.batch_shape, px_event=px.event_shape, px_batch=px.batch_shape)
+        return {
+            "z": z,
+            "px_log_prob": px.log_prob(x[0]),
+            "log_w": model.log_weights(params, x[0], key, k),
+            "log_w_batch": jax.vmap(lambda xi, ki: model.log_weights(params, xi, ki, k))(x, keys),
+            "q_batch_mean": jax.vmap(lambda xi: model.encode(params, xi).mean())(x),
+            "samples": model.sample(params, key, 4),
+            "recon": model.reconstruct(params, x[0]),
+        }
+
+    out = run(params, x, jax.random.key(1))
+    assert info["q_event"] == (d,) and info["q_batch"] == ()
+    assert info["px_event"] == config.data_shape and info["px_batch"] == (k,)
+    chex.assert_shape(out["z"], (k, d))
+    chex.assert_shape(out["px_log_prob"], (k,))
+    chex.assert_shape(out["log_w"], (k,))
+    chex.assert_shape(out["log_w_batch"], (b, k))
+    chex.assert_shape(out["q_batch_mean"], (b, d))
+    chex.assert_shape(out["samples"], (4,) + config.data_shape)
+    chex.assert_shape(out["recon"], config.data_shape)
+    chex.assert_tree_all_finite(out)
+    if config.likelihood != "gaussian":
+        assert np.all((np.asarray(out["samples"]) >= 0) & (np.asarray(out["samples"]) <= 1))
+
+
+def test_vae_init_sets_decoder_bias_to_data_logit(small_vae, small_vae_params, digits):
+    mean = np.clip(digits.x_train.mean(0), 1e-3, 1 - 1e-3)
+    dec = small_vae_params["decoder"]
+    last = sorted(k for k in dec if k.startswith("Dense_"))[-1]
+    np.testing.assert_allclose(dec[last]["bias"], np.log(mean) - np.log1p(-mean), rtol=1e-5, atol=1e-5)
+    assert VAE(small_vae.config) == small_vae and hash(VAE(small_vae.config)) == hash(small_vae)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(network="conv", data_shape=(64,)),
+     r"the conv networks need images of shape \(28, 28, 1\), but data_shape is \(64,\); use --network mlp"),
+    (dict(network="resnet"), r"unknown network 'resnet'; choose one of mlp, conv"),
+    (dict(likelihood="poisson"), r"unknown likelihood 'poisson'; choose one of bernoulli, gaussian"),
+    (dict(latent_dim=0), r"latent_dim must be >= 1, got 0"),
+])
+def test_vae_config_errors(kwargs, match, assert_one_line):
+    with pytest.raises(ValueError, match=match) as err:
+        VAEConfig(**kwargs)
+    assert_one_line(err.value)
+
+
+def test_conv_encoder_rejects_wrong_image_shape(assert_one_line):
+    with pytest.raises(ValueError, match=r"ConvEncoder expects images of shape \(28, 28, 1\) .* got trailing shape "
+                                         r"\(8, 8, 1\); reshape the data to \(N, 28, 28, 1\)") as err:
+        networks.ConvEncoder(out=4).init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+    assert_one_line(err.value)
+    with pytest.raises(ValueError, match=r"got trailing shape \(1, 28, 28\)") as err:  # channels first
+        networks.ConvEncoder(out=4).init(jax.random.key(0), jnp.zeros((2, 1, 28, 28)))
+    assert_one_line(err.value)
+
+
+def test_unknown_activation(assert_one_line):
+    with pytest.raises(ValueError, match=r"unknown activation 'sigmoidish'; choose one of tanh, relu") as err:
+        networks.get_activation("sigmoidish")
+    assert_one_line(err.value)
+
+
+def test_mlp_handles_leading_axes():
+    """Networks work per example and on any leading batch axes (models are written per example and vmapped)."""
+    mlp = networks.MLP(hidden=(8,), out=3, in_ndims=2)
+    params = mlp.init(jax.random.key(0), jnp.zeros((4, 4)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 4, 4)), jnp.float32)
+    out = jax.jit(mlp.apply)(params, x)
+    chex.assert_shape(out, (2, 5, 3))
+    np.testing.assert_allclose(out[1, 2], jax.jit(mlp.apply)(params, x[1, 2]), rtol=1e-5, atol=1e-6)

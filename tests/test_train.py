@@ -1,0 +1,196 @@
+"""train.py: the jitted step and epoch compile once, fit() trains and logs, parameter files round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dlvm_jax import objectives, train
+
+
+def _fresh(params):
+    """A copy of (session-scoped) parameters: the train step DONATES its state, which would delete the
+    fixture's buffers for every later test."""
+    return jax.tree.map(jnp.array, params)
+
+
+def _quadratic_loss(params, batch, key, step):
+    """A tiny deterministic loss (fast to compile) for testing the loop machinery: mean squared distance."""
+    del key, step
+    loss = jnp.mean(jnp.sum(jnp.square(batch - params["w"]), axis=-1))
+    return loss, {"loss": loss, "mean_x": jnp.mean(batch)}
+
+
+def test_train_step_compiles_once(small_vae, small_vae_params, digits):
+    """A second call with new data of the same shape reuses the compiled step: the loss is traced once."""
+    traces = []
+    base = objectives.make_loss(small_vae)
+
+    def counted(params, batch, key, step):
+        traces.append(batch.shape)  # a Python side effect runs only while tracing
+        return base(params, batch, key, step)
+
+    chex.clear_trace_counter()
+    loss_fn = chex.assert_max_traces(counted, n=1)  # raises if the step retraces the loss
+    optimizer = optax.adam(1e-3)
+    step = train.make_train_step(loss_fn, optimizer)
+    state = train.init_state(_fresh(small_vae_params), optimizer, jax.random.key(0))
+    x = jnp.asarray(digits.x_train)
+    before = jax.device_get(state.params)
+    state, m1 = step(state, x[:64])
+    state, m2 = step(state, x[64:128])  # new data, same shape
+    state, m3 = step(state, x[128:192])
+    assert len(traces) == 1, traces
+    assert int(state.step) == 3
+    assert set(m1) >= {"loss", "elbo", "rec", "kl"}
+    assert all(math.isfinite(float(m["loss"])) for m in (m1, m2, m3))
+    # The parameters moved and the key advanced.
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before,
+                           jax.device_get(state.params))
+    assert all(jax.tree.leaves(changed))
+    # The counter is live: a new batch shape must retrace (and chex refuses a second trace).
+    with pytest.raises(AssertionError, match="trace"):
+        step(state, x[:32])
+
+
+def test_epoch_compiles_once_and_covers_the_data():
+    traces = []
+
+    def counted(params, batch, key, step):
+        traces.append(batch.shape)
+        return _quadratic_loss(params, batch, key, step)
+
+    optimizer = optax.sgd(0.1)
+    epoch = train.make_epoch(counted, optimizer, batch_size=16)
+    rng = np.random.default_rng(0)
+    data1 = jnp.asarray(rng.standard_normal((100, 3)) + 2.0, jnp.float32)
+    data2 = jnp.asarray(rng.standard_normal((100, 3)) - 1.0, jnp.float32)
+    state = train.init_state({"w": jnp.zeros(3)}, optimizer, jax.random.key(0))
+    state, metrics = epoch(state, data1)
+    n_traces = len(traces)
+    assert n_traces >= 1 and all(s == (16, 3) for s in traces)
+    state, metrics2 = epoch(state, data2)  # new data, same shape: no retrace
+    assert len(traces) == n_traces
+    assert int(state.step) == 2 * (100 // 16)  # 6 full batches per epoch, the remainder of 4 left out
+    # Batches are drawn from the data given (the epoch mean of batch means is near the data mean; 96 of 100
+    # rows are used, so the difference is at most 4 rows' worth).
+    assert float(metrics2["mean_x"]) == pytest.approx(float(jnp.mean(data2)), abs=0.2)
+    assert float(metrics["mean_x"]) == pytest.approx(float(jnp.mean(data1)), abs=0.2)
+
+
+def test_fit_trains_a_small_vae(small_vae, small_vae_params, digits, tmp_path):
+    """fit() on the 8x8 digits: the test ELBO improves by several nats in a few seconds; the JSON-lines log
+    starts with an epoch-0 record; the checkpoint holds the final parameters."""
+    loss_fn = objectives.make_loss(small_vae)
+    optimizer = optax.adam(1e-2)
+    state = train.init_state(_fresh(small_vae_params), optimizer, jax.random.key(1))
+    metrics_path, ckpt_path = tmp_path / "metrics.jsonl", tmp_path / "params.msgpack"
+    state, history = train.fit(state, digits.x_train, loss_fn=loss_fn, optimizer=optimizer, batch_size=100,
+                               epochs=30, test_data=digits.x_test, eval_every=10, metrics_path=metrics_path,
+                               checkpoint_path=ckpt_path, progress=False)
+    assert [h["epoch"] for h in history] == [0, 10, 20, 30]
+    assert "train_loss" not in history[0] and "test_elbo" in history[0]
+    first, last = history[0]["test_elbo"], history[-1]["test_elbo"]
+    # Measured: about -30.5 -> -24.5 nats. 3 nats is far beyond the noise of the (fixed-key) evaluation.
+    assert last > first + 3.0, (first, last)
+    assert math.isfinite(history[-1]["train_loss"]) and history[-1]["step"] == 30 * (len(digits.x_train) // 100)
+    records = train.read_jsonl(metrics_path)
+    assert records == history
+    assert records[0]["epoch"] == 0 and records[0]["step"] == 0
+    np.testing.assert_array_equal(train.stack_metrics(records, "epoch"), [0, 10, 20, 30])
+    assert train.stack_metrics(records, "train_loss").shape == (3,)
+    loaded = train.load_params(ckpt_path, small_vae_params)
+    chex.assert_trees_all_equal(loaded, jax.device_get(state.params))
+
+
+def test_fit_time_limit_and_eval_every(tmp_path):
+    optimizer = optax.sgd(0.1)
+    data = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    state = train.init_state({"w": jnp.zeros(3)}, optimizer, jax.random.key(0))
+    # time_limit=0: the first epoch is over time, so the loop records it and stops.
+    state, history = train.fit(state, data, loss_fn=_quadratic_loss, optimizer=optimizer, batch_size=8,
+                               epochs=1000, time_limit=0.0, progress=False)
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert int(state.step) == 8
+
+
+def test_fit_raises_on_non_finite_loss(assert_one_line):
+    def nan_loss(params, batch, key, step):
+        loss = jnp.sum(params["w"]) * jnp.nan
+        return loss, {"loss": loss}
+
+    optimizer = optax.sgd(0.1)
+    state = train.init_state({"w": jnp.ones(3)}, optimizer, jax.random.key(0))
+    with pytest.raises(FloatingPointError, match=r"non-finite in epoch 1 .*; lower the learning rate") as err:
+        train.fit(state, np.ones((16, 3), np.float32), loss_fn=nan_loss, optimizer=optimizer, batch_size=8,
+                  epochs=3, progress=False)
+    assert_one_line(err.value)
+
+
+def test_evaluator_weights_the_remainder():
+    """Averages over EVERY example, the last partial batch weighted by its size (250 = 2 x 100 + 50)."""
+    evaluate = train.make_evaluator(_quadratic_loss, batch_size=100)
+    data = jnp.asarray(np.random.default_rng(0).standard_normal((250, 3)), jnp.float32)
+    out = evaluate({"w": jnp.zeros(3)}, data, jax.random.key(0))
+    ref = np.asarray(data, np.float64)
+    assert out["mean_x"] == pytest.approx(ref.mean(), abs=1e-6)
+    assert out["loss"] == pytest.approx(np.sum(ref**2, axis=1).mean(), rel=1e-5)
+
+
+def test_save_load_params_roundtrip(small_vae_params, tmp_path):
+    path = tmp_path / "p.msgpack"
+    train.save_params(path, small_vae_params)
+    assert not (tmp_path / "p.msgpack.tmp").exists()  # written atomically
+    loaded = train.load_params(path, small_vae_params)
+    chex.assert_trees_all_equal(loaded, jax.device_get(small_vae_params))
+    chex.assert_trees_all_equal_structs(loaded, small_vae_params)
+    # Any pytree of arrays works, e.g. a whole optimizer state.
+    opt_state = optax.adam(1e-3).init(small_vae_params)
+    train.save_params(tmp_path / "opt.msgpack", opt_state)
+    chex.assert_trees_all_equal(train.load_params(tmp_path / "opt.msgpack", opt_state), jax.device_get(opt_state))
+
+
+def test_load_params_errors(small_vae_params, tmp_path, assert_one_line):
+    with pytest.raises(FileNotFoundError, match="no parameter file at"):
+        train.load_params(tmp_path / "missing.msgpack", small_vae_params)
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(b"\x00not msgpack at all\n\n")
+    with pytest.raises(ValueError, match=r"cannot read parameters from .*bad\.msgpack") as err:
+        train.load_params(bad, small_vae_params)
+    assert_one_line(err.value)
+    # A file with a different structure (a linear-Gaussian model's parameters) is refused in one line too.
+    other = tmp_path / "other.msgpack"
+    train.save_params(other, {"generative": {"W": np.zeros((5, 2), np.float32)}})
+    with pytest.raises(ValueError, match="cannot read parameters from") as err:
+        train.load_params(other, small_vae_params)
+    assert_one_line(err.value)
+
+
+@pytest.mark.parametrize("batch_size, n, match", [
+    (200, 100, r"batch size 200 is larger than the dataset \(100 examples\); use --batch-size 100 or less"),
+    (0, 100, r"batch size must be an integer >= 1, got 0"),
+    (2.5, 100, r"batch size must be an integer >= 1, got 2.5"),
+])
+def test_check_batch_size(batch_size, n, match, assert_one_line):
+    with pytest.raises(ValueError, match=match) as err:
+        train.check_batch_size(batch_size, n)
+    assert_one_line(err.value)
+
+
+def test_fit_rejects_batch_larger_than_dataset(assert_one_line):
+    optimizer = optax.sgd(0.1)
+    state = train.init_state({"w": jnp.zeros(3)}, optimizer, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batch size 64 is larger than the dataset \(10 examples\)") as err:
+        train.fit(state, np.zeros((10, 3), np.float32), loss_fn=_quadratic_loss, optimizer=optimizer, batch_size=64,
+                  epochs=1, progress=False)
+    assert_one_line(err.value)
+    with pytest.raises(ValueError, match=r"epochs must be >= 0, got -1") as err:
+        train.fit(state, np.zeros((10, 3), np.float32), loss_fn=_quadratic_loss, optimizer=optimizer, batch_size=5,
+                  epochs=-1, progress=False)
+    assert_one_line(err.value)
