@@ -174,9 +174,15 @@ class GMVAE:
         l = q_l.sample(seed=k_l, sample_shape=num_samples)
         return jnp.mean(self.cluster_posterior(params, l, w), axis=0)
 
-    def predict(self, params: Params, data: jax.Array) -> jax.Array:
-        """Most probable cluster of every row of ``data`` (posterior means); int32 array (N,)."""
-        probs = jax.vmap(lambda x: self.assign_probs(params, x))(data)
+    def predict(self, params: Params, data: jax.Array, key: jax.Array | None = None,
+                num_samples: int = 0) -> jax.Array:
+        """Most probable cluster of every row of ``data``: at the posterior means, or (with ``key`` and
+        ``num_samples`` > 0) of the cluster posterior averaged over samples of q(w|x) q(l|x); int32 array (N,)."""
+        if key is None or num_samples <= 0:
+            probs = jax.vmap(lambda x: self.assign_probs(params, x))(data)
+        else:
+            keys = jax.random.split(key, data.shape[0])
+            probs = jax.vmap(lambda x, k: self.assign_probs(params, x, k, num_samples))(data, keys)
         return jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
     def sample(self, params: Params, key: jax.Array, num: int, cluster: int | None = None,
