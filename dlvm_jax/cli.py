@@ -602,7 +602,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | N
                    help=f"test ELBO and checkpoint every N epochs [{d.eval_every}]")
     g.add_argument("--restarts", type=int, default=d.restarts,
                    help=f"independent initialisations trained side by side (vmap); the one with the best "
-                        f"importance-sampled log-likelihood of the training data is kept [{d.restarts}]")
+                        f"training objective over the training data is kept [{d.restarts}]")
     g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop after the first epoch that ends past this many seconds")
     g.add_argument("--run-dir", default=None, help="output folder [runs/<model>-<timestamp>]")
@@ -667,7 +667,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE, time_limit=train_cfg.time_limit,
             progress=args.progress)
         train.save_params(run_dir / PARAMS_FILE, state.params)
-        print(f"kept restart {selection['chosen']} of {train_cfg.restarts} (training log p(x), K="
+        print(f"kept restart {selection['chosen']} of {train_cfg.restarts}, the best training objective ("
+              f"{', '.join(f'{v:.3f}' for v in selection['train_objective'])}; importance-sampled log p(x), K="
               f"{selection['score_samples']}: {', '.join(f'{v:.3f}' for v in selection['train_log_px'])})")
     train_seconds = history[-1]["seconds"]
     figures = write_figures(run_dir, model, state.params, dataset, history, k_fig)
