@@ -180,3 +180,80 @@ def cluster_figure(samples_per_cluster: Sequence[Any], data: Any, assignments: A
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def tile_images(images: Any, nrows: int, ncols: int) -> np.ndarray:
+    """``nrows * ncols`` grey-scale images (row-major order; any shape :func:`to_images` accepts) tiled into one
+    (nrows * H, ncols * W) array."""
+    imgs = to_images(images)
+    if imgs.shape[0] != nrows * ncols:
+        raise ValueError(f"tile_images needs {nrows} x {ncols} = {nrows * ncols} images, got {imgs.shape[0]}")
+    h, w = imgs.shape[1:]
+    return imgs.reshape(nrows, ncols, h, w).transpose(0, 2, 1, 3).reshape(nrows * h, ncols * w)
+
+
+def latent_scatter(z: Any, labels: Any, path: str | os.PathLike, title: str | None = None, *,
+                   xlabel: str = "z[0]", ylabel: str = "z[1]") -> Path:
+    """2-D latent codes (the first two columns of an (N, D) array) coloured by integer class labels, with a
+    colour bar of the classes."""
+    z, labels = np.asarray(z, np.float32), np.asarray(labels).astype(int)
+    if z.ndim != 2 or z.shape[1] < 2 or labels.shape != (z.shape[0],):
+        raise ValueError(f"latent_scatter needs (N, D >= 2) codes and N labels, got {z.shape} and {labels.shape}")
+    classes = int(labels.max()) + 1
+    cmap = plt.get_cmap("tab10" if classes <= 10 else "tab20", classes)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=classes - 0.5, s=2, alpha=0.7)
+    cbar = fig.colorbar(sc, ax=ax, ticks=np.arange(classes))
+    cbar.set_label("label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def manifold_figure(canvas: Any, grid: Any, path: str | os.PathLike, title: str | None = None) -> Path:
+    """A tiled decoded manifold (from :func:`tile_images`: column j decoded at z[0] = grid[j], row i at
+    z[1] = grid[-1 - i], so that up is larger z[1]) with the grid values on the axes."""
+    canvas, grid = np.asarray(canvas, np.float32), np.asarray(grid, np.float32)
+    n = grid.shape[0]
+    h, w = canvas.shape[0] // n, canvas.shape[1] // n
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    step = max(1, n // 10)
+    ax.set_xticks(np.arange(0, n, step) * w + w / 2 - 0.5, [f"{v:.2f}" for v in grid[::step]], rotation=90)
+    ax.set_yticks(np.arange(0, n, step) * h + h / 2 - 0.5, [f"{v:.2f}" for v in grid[::-1][::step]])
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curve_with_reference(epochs: Sequence[int], values: Sequence[float], path: str | os.PathLike,
+                         reference: dict[int, float] | None = None, title: str | None = None, *,
+                         ylabel: str = "test negative ELBO (nats per example)", label: str = "ours",
+                         reference_label: str = "reference") -> Path:
+    """One metric against the epoch, with reference values (``{epoch: value}``) marked as points."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(list(epochs), list(values), marker="." if len(values) < 60 else None, label=label)
+    if reference:
+        ep = sorted(reference)
+        ax.scatter(ep, [reference[e] for e in ep], marker="x", s=60, color="C3", zorder=3, label=reference_label)
+        for e in ep:
+            ax.annotate(f"{reference[e]:.2f}", (e, reference[e]), textcoords="offset points", xytext=(4, 6),
+                        fontsize=8, color="C3")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ += ["tile_images", "latent_scatter", "manifold_figure", "curve_with_reference"]

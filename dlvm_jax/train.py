@@ -235,52 +235,44 @@ def stack_metrics(history: list[dict[str, Any]], key: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def make_scorer(model: Any, *, num_samples: int = 50, batch_size: int = 500) -> Callable:
-    """Jitted ``score(params, data, key)``: mean importance-sampled log p(x) over ``data`` (K = ``num_samples``),
-    the unsupervised criterion that picks among restarts. Vectorises over a leading restart axis of ``params``."""
+def _restart_scorer(batch_value: Callable[[Params, jax.Array, jax.Array], jax.Array], *, batch_size: int,
+                    repeats: int = 1) -> Callable:
+    """``score(params, data, key) -> (R,) array``: ``batch_value(params, batch, key)`` averaged over the batches
+    of ``data`` (the remainder smaller than one batch left out) and ``repeats`` draws, jitted and vmapped over a
+    leading restart axis of ``params``."""
 
     def one(params: Params, batches: jax.Array, key: jax.Array) -> jax.Array:
-        def batch_score(kb):
-            keys = jax.random.split(kb[0], kb[1].shape[0])
-            log_w = jax.vmap(lambda x, k: model.log_weights(params, x, k, num_samples))(kb[1], keys)
-            return jnp.mean(jax.nn.logsumexp(log_w, axis=-1) - math.log(num_samples))
-
-        keys = jax.random.split(key, batches.shape[0])
-        return jnp.mean(jax.lax.map(batch_score, (keys, batches)))
+        keys = jax.random.split(key, repeats * batches.shape[0])
+        tiled = jnp.concatenate([batches] * repeats)
+        return jnp.mean(jax.lax.map(lambda kb: batch_value(params, kb[1], kb[0]), (keys, tiled)))
 
     batched = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
 
     def score(params: Params, data: jax.Array, key: jax.Array) -> np.ndarray:
-        n = data.shape[0]
-        bs = min(batch_size, n)
-        nb = n // bs  # a remainder smaller than one batch is left out of the score
+        bs = min(batch_size, data.shape[0])
+        nb = data.shape[0] // bs
         return np.asarray(batched(params, jnp.asarray(data[: nb * bs]).reshape((nb, bs) + data.shape[1:]), key))
 
     return score
+
+
+def make_scorer(model: Any, *, num_samples: int = 50, batch_size: int = 500) -> Callable:
+    """``score(params, data, key)``: mean importance-sampled log p(x) over ``data`` (K = ``num_samples``) for each
+    restart (leading axis of ``params``)."""
+
+    def batch_log_px(params: Params, batch: jax.Array, key: jax.Array) -> jax.Array:
+        keys = jax.random.split(key, batch.shape[0])
+        log_w = jax.vmap(lambda x, k: model.log_weights(params, x, k, num_samples))(batch, keys)
+        return jnp.mean(jax.nn.logsumexp(log_w, axis=-1) - math.log(num_samples))
+
+    return _restart_scorer(batch_log_px, batch_size=batch_size)
 
 
 def make_objective_scorer(loss_fn: LossFn, *, batch_size: int = 1000, repeats: int = 4) -> Callable:
-    """Jitted ``score(params, data, key)``: minus the training loss averaged over ``data`` (in batches of
-    ``batch_size``; the remainder left out) and ``repeats`` Monte-Carlo draws. Vectorises over a leading restart
-    axis of ``params``."""
-
-    def one(params: Params, batches: jax.Array, key: jax.Array) -> jax.Array:
-        def batch_loss(kb):
-            return loss_fn(params, kb[1], kb[0], jnp.asarray(10**9))[0]
-
-        keys = jax.random.split(key, repeats * batches.shape[0])
-        tiled = jnp.concatenate([batches] * repeats)
-        return -jnp.mean(jax.lax.map(batch_loss, (keys, tiled)))
-
-    batched = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
-
-    def score(params: Params, data: jax.Array, key: jax.Array) -> np.ndarray:
-        n = data.shape[0]
-        bs = min(batch_size, n)
-        nb = n // bs
-        return np.asarray(batched(params, jnp.asarray(data[: nb * bs]).reshape((nb, bs) + data.shape[1:]), key))
-
-    return score
+    """``score(params, data, key)``: minus the training loss averaged over the batches of ``data`` and ``repeats``
+    Monte-Carlo draws, for each restart (leading axis of ``params``)."""
+    return _restart_scorer(lambda p, b, k: -loss_fn(p, b, k, jnp.asarray(10**9))[0], batch_size=batch_size,
+                           repeats=repeats)
 
 
 SELECTION_CRITERIA = ("objective", "log_px")

@@ -194,3 +194,32 @@ def test_fit_rejects_batch_larger_than_dataset(assert_one_line):
         train.fit(state, np.zeros((10, 3), np.float32), loss_fn=_quadratic_loss, optimizer=optimizer, batch_size=5,
                   epochs=-1, progress=False)
     assert_one_line(err.value)
+
+
+def test_fit_restarts_keeps_the_best_objective(tmp_path):
+    """Restarts train side by side; the kept one has the best recorded training objective, and its state is the
+    same as that restart's slice."""
+    import optax as _optax
+
+    from dlvm_jax import data as _data
+    from dlvm_jax.models import VAE as _VAE, VAEConfig as _VAEConfig
+    from dlvm_jax.objectives import make_loss as _make_loss
+    from dlvm_jax.train import fit_restarts, read_jsonl
+
+    ds = _data.digits()
+    model = _VAE(_VAEConfig(data_shape=(64,), latent_dim=2, hidden=(16,), likelihood="continuous_bernoulli"))
+    state, history, sel = fit_restarts(
+        model, ds.x_train[:400], init_fn=model.init, loss_fn=_make_loss(model), optimizer=_optax.adam(1e-3),
+        key=jax.random.key(0), restarts=3, batch_size=100, epochs=3, test_data=ds.x_test[:100], eval_every=1,
+        metrics_path=tmp_path / "m.jsonl", progress=False)
+    assert sel["restarts"] == 3 and len(sel["train_objective"]) == 3 and len(sel["train_log_px"]) == 3
+    assert sel["chosen"] == int(np.argmax(sel["train_objective"]))
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert all(np.isscalar(h["test_elbo"]) for h in history)  # reduced to the chosen restart
+    records = read_jsonl(tmp_path / "m.jsonl")
+    assert len(records[1]["train_loss"]) == 3 and "selection" in records[-1]
+    assert int(state.step) == 3 * 4  # 400 points, batch 100, 3 epochs
+    with pytest.raises(ValueError, match="unknown selection criterion"):
+        fit_restarts(model, ds.x_train[:200], init_fn=model.init, loss_fn=_make_loss(model),
+                     optimizer=_optax.adam(1e-3), key=jax.random.key(0), restarts=2, batch_size=100, epochs=1,
+                     select="best", progress=False)
