@@ -297,6 +297,7 @@ def fit_restarts(
     progress: bool = True,
     select: str = "objective",
     score_samples: int = 50,
+    keep_all: bool = False,
 ) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
     """Train ``restarts`` independent initialisations at once (``vmap`` of :func:`epoch_fn`), then keep the best,
     like the ``n_init`` of k-means or a Gaussian mixture: nothing but the model's own fit to the data decides.
@@ -304,8 +305,9 @@ def fit_restarts(
     ``select="objective"`` keeps the restart with the best training objective (minus ``loss_fn``) over the whole
     training set; ``"log_px"`` the one with the best importance-sampled log-likelihood (K = ``score_samples``).
     Both are computed and recorded. Returns the chosen restart's state, its history (records as :func:`fit`
-    writes them) and the selection record. ``metrics_path`` receives one record per evaluation with a value per
-    restart.
+    writes them) and the selection record (with ``keep_all``, it also holds every restart's parameters under
+    ``"all_params"``, stacked on a leading axis). ``metrics_path`` receives one record per evaluation with a value
+    per restart.
     """
     if select not in SELECTION_CRITERIA:
         raise ValueError(f"unknown selection criterion {select!r}; choose one of {', '.join(SELECTION_CRITERIA)}")
@@ -368,4 +370,6 @@ def fit_restarts(
                  "score_samples": int(score_samples), "seconds": round(time.perf_counter() - start, 3)}
     if metrics_path is not None:
         append_jsonl(metrics_path, {"selection": selection})
+    if keep_all:
+        selection["all_params"] = states.params
     return chosen, reduced, selection
