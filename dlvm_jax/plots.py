@@ -246,6 +246,7 @@ def curve_with_reference(epochs: Sequence[int], values: Sequence[float], path: s
         for e in ep:
             ax.annotate(f"{reference[e]:.2f}", (e, reference[e]), textcoords="offset points", xytext=(4, 6),
                         fontsize=8, color="C3")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
