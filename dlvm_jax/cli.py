@@ -658,7 +658,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
             eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
             checkpoint_path=run_dir / PARAMS_FILE, time_limit=train_cfg.time_limit, progress=args.progress,
-            eval_key=k_eval)
+            eval_key=k_eval,
+            # Convolution gradients compile to far slower CPU code inside lax.scan: step them one by one.
+            scan=getattr(model_config, "network", "mlp") != "conv")
     else:
         state, history, selection = train.fit_restarts(
             model, dataset.x_train, init_fn=lambda k: kind.init(model, k, dataset), loss_fn=train_loss,
