@@ -9,7 +9,6 @@ over the data (``--select objective``; or ``log_px``, the importance-sampled log
 to choose. Baselines on the raw points: k-means and a
 Gaussian mixture (scikit-learn, 5 components, 10 seeds). Writes experiments/results/spiral_gmvae.json and one
 figure per dataset (<out stem>_<dataset>.png: KDE contours of decoded samples per cluster; data by cluster).
-``--restarts 1 --out experiments/results/spiral_gmvae_single.json`` gives the single-run comparison.
 """
 
 from __future__ import annotations
