@@ -325,14 +325,15 @@ def fit_restarts(
     progress: bool = True,
     select: str = "objective",
     score_samples: int = 50,
+    score_examples: int = 10_000,
     keep_all: bool = False,
 ) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
     """Train ``restarts`` independent initialisations at once (``vmap`` of :func:`epoch_fn`), then keep the best,
     like the ``n_init`` of k-means or a Gaussian mixture: nothing but the model's own fit to the data decides.
 
-    ``select="objective"`` keeps the restart with the best training objective (minus ``loss_fn``) over the whole
-    training set; ``"log_px"`` the one with the best importance-sampled log-likelihood (K = ``score_samples``).
-    Both are computed and recorded. Returns the chosen restart's state, its history (records as :func:`fit`
+    ``select="objective"`` keeps the restart with the best training objective (minus ``loss_fn``) over the training
+    set (its first ``score_examples`` rows); ``"log_px"`` the one with the best importance-sampled log-likelihood
+    (K = ``score_samples``). Both are computed and recorded (not at all for a single restart). Returns the chosen restart's state, its history (records as :func:`fit`
     writes them) and the selection record (with ``keep_all``, it also holds every restart's parameters under
     ``"all_params"``, stacked on a leading axis). ``metrics_path`` receives one record per evaluation with a value
     per restart.
@@ -387,14 +388,19 @@ def fit_restarts(
         if out_of_time:
             break
     bar.close()
-    log_px = make_scorer(model, num_samples=score_samples)(states.params, train_data, jax.random.fold_in(key, 7))
-    objective = make_objective_scorer(loss_fn)(states.params, train_data, jax.random.fold_in(key, 8))
+    scored = train_data[:score_examples]
+    if restarts > 1:
+        log_px = make_scorer(model, num_samples=score_samples)(states.params, scored, jax.random.fold_in(key, 7))
+        objective = make_objective_scorer(loss_fn)(states.params, scored, jax.random.fold_in(key, 8))
+    else:  # nothing to choose between
+        log_px = objective = np.full((1,), np.nan)
     scores = {"objective": objective, "log_px": log_px}[select]
     best = int(np.argmax(np.where(np.isfinite(scores), scores, -np.inf)))
     chosen = jax.tree.map(lambda a: a[best], states)
     reduced = [{k: (v[best] if isinstance(v, list) else v) for k, v in rec.items()} for rec in history]
     selection = {"restarts": int(restarts), "select": select, "chosen": best,
-                 "train_objective": objective.tolist(), "train_log_px": log_px.tolist(),
+                 "train_objective": [float(v) if np.isfinite(v) else None for v in objective],
+                 "train_log_px": [float(v) if np.isfinite(v) else None for v in log_px],
                  "score_samples": int(score_samples), "seconds": round(time.perf_counter() - start, 3)}
     if metrics_path is not None:
         append_jsonl(metrics_path, {"selection": selection})

@@ -88,8 +88,8 @@ def run_dataset(name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespac
         rec["chosen_restart"].append(sel["chosen"])
         print(f"[{name}] seed {seed}: accuracy {scores['accuracy']:.4f}  NMI {scores['nmi']:.4f}  "
               f"({seconds:.1f} s, restart {sel['chosen']} of {args.restarts} chosen by {args.select}; objective "
-              f"{', '.join(f'{v:.3f}' for v in sel['train_objective'])}; log p(x) "
-              f"{', '.join(f'{v:.3f}' for v in sel['train_log_px'])}; accuracy of each restart "
+              f"{', '.join(f'{v:.3f}' for v in sel['train_objective'] if v is not None)}; log p(x) "
+              f"{', '.join(f'{v:.3f}' for v in sel['train_log_px'] if v is not None)}; accuracy of each restart "
               f"{', '.join(f'{v:.3f}' for v in rec['restart_accuracy'][-1])})", flush=True)
         if best_seed is None:
             best_seed = (seed, state.params, pred)
