@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -41,8 +40,7 @@ from dlvm_jax import data, plots
 from dlvm_jax.likelihood import ISEstimate, make_batch_estimator
 from dlvm_jax.models.vae import VAE, VAEConfig
 from dlvm_jax.objectives import make_loss
-from dlvm_jax.train import (TrainState, append_jsonl, check_batch_size, fit, init_state, make_evaluator,
-                            make_train_step, save_params)
+from dlvm_jax.train import fit, init_state, save_params
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,66 +93,6 @@ def load(args: argparse.Namespace) -> data.Dataset:
     if args.max_test is not None:
         x_test, y_test = x_test[: args.max_test], y_test[: args.max_test]
     return data.Dataset(data.threshold(x_train, 0.5), data.threshold(x_test, 0.5), y_train, y_test, name="mnist")
-
-
-def fit_stepwise(state: TrainState, x_train: np.ndarray, x_test: np.ndarray, *, loss_fn, optimizer, epochs: int,
-                 eval_key: jax.Array, batch_size: int = BATCH_SIZE, checkpoint_path: str | None = None,
-                 metrics_path: str | None = None, progress: bool = True) -> tuple[TrainState, list[dict]]:
-    """:func:`dlvm_jax.train.fit` with the epoch as a host loop over the jitted, donated train step instead of one
-    ``lax.scan``: same shuffling (``key, perm_key = split(state.key)``, batches of a permutation, the remainder
-    left out), same records (``epoch``, ``step``, ``seconds``, ``train_*`` epoch means, ``test_*`` from
-    :func:`dlvm_jax.train.make_evaluator` with the same key every epoch), plus ``train_seconds`` (the epoch's
-    training alone, compilation included in epoch 1).
-
-    Why: on XLA's CPU backend (jax 0.10.2) the convolutions of the backward pass inside a while loop (lax.scan)
-    are not rewritten to the fast canonical form and run in the naive emitter: a training step of this conv VAE
-    took 14.6 s inside make_epoch's scan against 1.5 s as a jitted step on its own (2 shared CPU cores).
-    """
-    batch_size = check_batch_size(batch_size, x_train.shape[0])
-    step_fn = make_train_step(loss_fn, optimizer)
-    evaluate = make_evaluator(loss_fn, batch_size=batch_size)
-    x_test_dev = jnp.asarray(x_test)
-    n = x_train.shape[0]
-    num_batches = n // batch_size
-    history: list[dict] = []
-    start = time.perf_counter()
-
-    def record(epoch: int, train_metrics: dict | None, train_seconds: float | None) -> dict:
-        rec: dict = {"epoch": epoch, "step": int(state.step), "seconds": round(time.perf_counter() - start, 3)}
-        if train_seconds is not None:
-            rec["train_seconds"] = round(train_seconds, 3)
-        if train_metrics:
-            rec.update({f"train_{k}": v for k, v in train_metrics.items()})
-        rec.update({f"test_{k}": v for k, v in evaluate(state.params, x_test_dev, eval_key).items()})
-        history.append(rec)
-        if metrics_path is not None:
-            append_jsonl(metrics_path, rec)
-        if checkpoint_path is not None:
-            save_params(checkpoint_path, state.params)
-        return rec
-
-    record(0, None, None)
-    bar = tqdm(total=epochs * num_batches, desc="train", disable=not progress, unit="step")
-    for epoch in range(1, epochs + 1):
-        t = time.perf_counter()
-        key, perm_key = jax.random.split(state.key)
-        perm = np.asarray(jax.random.permutation(perm_key, n))[: num_batches * batch_size]
-        state = state._replace(key=key)
-        collected = []
-        for i in range(num_batches):
-            state, metrics = step_fn(state, jnp.asarray(x_train[perm[i * batch_size:(i + 1) * batch_size]]))
-            collected.append(metrics)
-            bar.update(1)
-        means = {k: float(np.mean([m[k] for m in jax.device_get(collected)])) for k in collected[0]}
-        train_seconds = time.perf_counter() - t
-        if not math.isfinite(means["loss"]):
-            bar.close()
-            raise FloatingPointError(f"the training loss became non-finite in epoch {epoch} (step {int(state.step)}); "
-                                     "lower the learning rate")
-        rec = record(epoch, means, train_seconds)
-        bar.set_postfix(epoch=epoch, train_loss=f"{rec['train_loss']:.2f}", test_loss=f"{rec['test_loss']:.2f}")
-    bar.close()
-    return state, history
 
 
 def timed_log_likelihood(model: VAE, params, x: np.ndarray, key: jax.Array, *, num_samples: int, chunk_size: int,
@@ -228,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--is-batch", type=int, default=20, help="test images per jitted IS call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trainer", choices=("steps", "fit"), default="steps",
-                    help="steps: a host loop over the jitted train step (fast on CPU); fit: dlvm_jax.train.fit, "
+                    help="steps: dlvm_jax.train.fit(scan=False), one jitted step per batch (fast on CPU); fit: "
                          "whole epochs in lax.scan (about 10x slower for this conv net on XLA's CPU backend)")
     ap.add_argument("--checkpoint", default=None, help="write the trained parameters here (msgpack) after each epoch")
     ap.add_argument("--out", default=str(RESULTS / "mnist_conv2d.json"))
@@ -255,14 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(state.params))
 
     t0 = time.perf_counter()
-    if args.trainer == "fit":
-        state, history = fit(state, ds.x_train, loss_fn=loss_fn, optimizer=optimizer, batch_size=BATCH_SIZE,
-                             epochs=args.epochs, test_data=ds.x_test, eval_loss_fn=loss_fn, eval_every=1,
-                             checkpoint_path=args.checkpoint, progress=args.progress, eval_key=k_eval)
-    else:
-        state, history = fit_stepwise(state, ds.x_train, ds.x_test, loss_fn=loss_fn, optimizer=optimizer,
-                                      epochs=args.epochs, eval_key=k_eval, checkpoint_path=args.checkpoint,
-                                      progress=args.progress)
+    # "steps" dispatches one jitted step per batch (fit's scan=False): XLA's CPU backend compiles this conv net's
+    # gradients to much slower code inside lax.scan (1.5 s against 14.6 s a step, measured here).
+    state, history = fit(state, ds.x_train, loss_fn=loss_fn, optimizer=optimizer, batch_size=BATCH_SIZE,
+                         epochs=args.epochs, test_data=ds.x_test, eval_loss_fn=loss_fn, eval_every=1,
+                         checkpoint_path=args.checkpoint, progress=args.progress, eval_key=k_eval,
+                         scan=args.trainer == "fit")
     train_seconds = time.perf_counter() - t0
     neg_elbo = [-h["test_elbo"] for h in history if h["epoch"] >= 1]
     seconds = [h["seconds"] for h in history]
