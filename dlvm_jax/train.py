@@ -63,16 +63,22 @@ def check_batch_size(batch_size: int, num_examples: int) -> int:
     return int(batch_size)
 
 
+def shuffled_batches(key: jax.Array, data: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """``(next_key, batches)``: a random permutation of ``data`` cut into full batches of shape
+    (num_batches, batch_size, ...); the remainder that does not fill a batch is left out."""
+    key, perm_key = jax.random.split(key)
+    num_batches = data.shape[0] // batch_size
+    perm = jax.random.permutation(perm_key, data.shape[0])[: num_batches * batch_size]
+    return key, data[perm].reshape((num_batches, batch_size) + data.shape[1:])
+
+
 def epoch_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int) -> Callable:
     """Unjitted ``epoch(state, data) -> (state, mean metrics)``: one pass over a random permutation of ``data``
     (the remainder that does not fill a batch is left out of this epoch), ``lax.scan`` over the batches.
     Compose it freely (``jax.vmap`` over independent restarts, ``jax.jit``); :func:`make_epoch` jits it."""
 
     def epoch(state: TrainState, data: jax.Array) -> tuple[TrainState, Metrics]:
-        num_batches = data.shape[0] // batch_size
-        key, perm_key = jax.random.split(state.key)
-        perm = jax.random.permutation(perm_key, data.shape[0])[: num_batches * batch_size]
-        batches = data[perm].reshape((num_batches, batch_size) + data.shape[1:])
+        key, batches = shuffled_batches(state.key, data, batch_size)
         state, metrics = jax.lax.scan(lambda s, b: _step(loss_fn, optimizer, s, b), state._replace(key=key), batches)
         return state, jax.tree.map(jnp.mean, metrics)
 
@@ -91,12 +97,7 @@ def make_stepped_epoch(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     step (measured ~10x for :class:`~dlvm_jax.networks.ConvDecoder`), so ``fit(..., scan=False)`` uses this."""
     step = make_train_step(loss_fn, optimizer)
 
-    @jax.jit
-    def shuffle(key: jax.Array, data: jax.Array) -> tuple[jax.Array, jax.Array]:
-        key, perm_key = jax.random.split(key)
-        num_batches = data.shape[0] // batch_size
-        perm = jax.random.permutation(perm_key, data.shape[0])[: num_batches * batch_size]
-        return key, data[perm].reshape((num_batches, batch_size) + data.shape[1:])
+    shuffle = jax.jit(lambda key, data: shuffled_batches(key, data, batch_size))
 
     def epoch(state: TrainState, data: jax.Array) -> tuple[TrainState, Metrics]:
         key, batches = shuffle(state.key, data)
