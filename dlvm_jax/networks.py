@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
@@ -85,6 +86,40 @@ class ConvEncoder(nn.Module):
         return nn.Dense(self.out)(h).reshape(lead + (self.out,))
 
 
+# For output phase a (row parity) and kernel offset r over the input padded by one zero row on top, the tap of the
+# 3x3 kernel that a stride-2 "SAME" transposed convolution applies; 3 stands for a zero tap.
+_PHASE_TAPS = np.array([[0, 2], [3, 1]])
+
+
+class ConvTranspose2x(nn.Module):
+    """The 3x3, stride-2, "SAME" transposed convolution of ``nn.ConvTranspose``, with the same parameters and
+    outputs, computed as one 2x2 convolution with 4x the output channels followed by depth-to-space.
+
+    Output pixel (2i + a, 2j + b) only sees input pixels i-1..i and j-1..j through fixed taps of the kernel, so the
+    four output phases are a 2x2 convolution with a kernel gathered from the 3x3 one. This skips the products with
+    the zeros that the dilated form inserts (2.25x fewer multiplies here); on XLA's CPU backend its gradient runs
+    several times faster than ``nn.ConvTranspose``'s. tests/test_models.py checks outputs and gradients against it."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        n, height, width, channels = h.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+        rows = _PHASE_TAPS.T[:, None, :, None]
+        cols = _PHASE_TAPS.T[None, :, None, :]
+        phase_kernel = padded[rows, cols]  # (r, s, a, b, C, F)
+        phase_kernel = jnp.transpose(phase_kernel, (0, 1, 4, 2, 3, 5)).reshape(2, 2, channels, 4 * self.features)
+        y = jax.lax.conv_general_dilated(
+            jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), phase_kernel, (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = y.reshape(n, height, width, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, 2 * height, 2 * width, self.features) + bias
+
+
 class ConvDecoder(nn.Module):
     """Convolutional decoder to 28x28 images: dense 14x14x64, transposed conv 32 (stride 2) to 28x28, then a
     3x3 conv to ``channels_out`` output maps (1 for Bernoulli logits, 2 for a Gaussian's mean and scale).
@@ -99,7 +134,7 @@ class ConvDecoder(nn.Module):
         lead = z.shape[:-1]
         h = act(nn.Dense(14 * 14 * 64)(z.reshape((-1, z.shape[-1]))))
         h = h.reshape((-1, 14, 14, 64))
-        h = act(nn.ConvTranspose(32, (3, 3), strides=(2, 2), padding="SAME")(h))
+        h = act(ConvTranspose2x(32, name="ConvTranspose_0")(h))
         h = nn.Conv(self.channels_out, (3, 3), padding="SAME")(h)  # (n, 28, 28, C)
         h = jnp.moveaxis(h, -1, 1)  # channel-major so that a Gaussian's [loc, scale] split is contiguous
         return h.reshape(lead + (-1,))
