@@ -90,3 +90,50 @@ def test_figure_helpers(tmp_path):
              plots.manifold_figure(np.full((56, 56), 0.5), np.linspace(-1, 1, 2), tmp_path / "m.png"),
              plots.curve_with_reference([1, 2], [3.0, 2.0], tmp_path / "c.png", {1: 2.5})]
     assert all(p.read_bytes()[:8] == png for p in paths)
+
+
+def test_iwae_table_schedule_is_burdas():
+    """Stage i lasts 3^i epochs at 1e-3 * 10^(-i/7); 8 stages make the paper's 3280 epochs."""
+    script = _load("iwae_table")
+    assert sum(script.stage_epochs()) == script.PAPER_EPOCHS == 3280
+    schedule = script.learning_rate(steps_per_epoch=10)
+    starts = np.concatenate([[0], np.cumsum(script.stage_epochs())[:-1]]) * 10
+    for i, s in enumerate(starts):
+        np.testing.assert_allclose(float(schedule(int(s))), 1e-3 * 10 ** (-i / 7), rtol=1e-5)
+        np.testing.assert_allclose(float(schedule(int(s) + 10 * 3 ** i - 1)), 1e-3 * 10 ** (-i / 7), rtol=1e-5)
+
+
+def test_iwae_table_binarizes_each_batch_afresh():
+    script = _load("iwae_table")
+    seen = []
+
+    def loss(params, batch, key, step):
+        seen.append(batch)
+        return 0.0, {}
+
+    wrapped = script.dynamically_binarized(loss)
+    x = np.full((4000, 3), 0.3, np.float32)
+    wrapped(None, x, jax.random.key(0), 0)
+    wrapped(None, x, jax.random.key(1), 1)
+    a, b = map(np.asarray, seen)
+    assert set(np.unique(a)) <= {0.0, 1.0} and abs(a.mean() - 0.3) < 0.02
+    assert (a != b).any()
+
+
+def test_iwae_table_tiny_run(tmp_path):
+    root = _mnist_dir()
+    out = tmp_path / "iwae_table.json"
+    script = _load("iwae_table")
+    assert script.main(["--data-dir", root, "--rows", "vae:1,iwae:3", "--epochs", "1", "--max-train", "200",
+                        "--max-test", "100", "--is-examples", "20", "--is-samples", "16", "--is-batch", "10", "--no-progress",
+                        "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["objective"], r["k"]) for r in res["rows"]] == [("vae", 1), ("iwae", 3)]
+    for r in res["rows"]:
+        assert r["epochs"] == 1 and r["is_examples"] == 20 and math.isfinite(r["test_nll"])
+        # the IS estimate of log p(x) is at least the ELBO on the same samples
+        assert -r["test_nll"] >= r["test_elbo_k5000_mean"] - 1e-4
+    assert res["rows"][0]["paper_nll"] == 86.76
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="bad row"):
+        script.main(["--data-dir", root, "--rows", "iwae5", "--out", str(out)])
