@@ -61,11 +61,45 @@ def digits_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def conv2d_table(res: dict) -> str:
+    ref = res["reference"]
+    neg = res["test_neg_elbo"]
+    best = int(np.argmin(neg))
+    lines = ["| | ours (JAX) | the seeds' Keras model |", "| --- | --- | --- |"]
+    lines.append(f"| test negative ELBO after epoch 1 | {neg[0]:.2f} | {ref['test_neg_elbo_epoch1']:.2f} |")
+    if len(neg) >= 20:
+        lines.append(f"| test negative ELBO after epoch 20 | {neg[19]:.2f} | {ref['test_neg_elbo_epoch20']:.2f} |")
+    lines.append(f"| best test negative ELBO (epoch) | {neg[best]:.2f} ({best + 1}) | {ref['best_test_neg_elbo']:.2f} "
+                 f"({ref['best_epoch']}) |")
+    if res.get("is_nll") is not None:
+        lines.append(f"| IS negative log-likelihood, K={res['is_num_samples']}, first {res['is_examples']} test "
+                     f"images (s.e.) | {res['is_nll']:.2f} ({res['is_nll_se']:.2f}) | - |")
+    m = res["machine"]
+    return "\n".join(lines) + (f"\n\n{res['epochs']} epochs of 600 steps, {res['train_seconds'] / 60:.0f} min of "
+                               f"training on {m['cpu']} ({m['cores']} cores, {m['backend']}), {res['date']}.")
+
+
+def iwae_table(res: dict) -> str:
+    lines = ["| model | epochs (ours) | test NLL, ours (s.e.) | test NLL, Burda et al. (3280 epochs) | active units "
+             "| training minutes |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        paper = "-" if r["paper_nll"] is None else f"{r['paper_nll']:.2f}"
+        lines.append(f"| {r['objective'].upper()} k={r['k']} | {r['epochs']} | {r['test_nll']:.2f} "
+                     f"({r['test_nll_stderr']:.2f}) | {paper} | {r['active_units']} | {r['train_seconds'] / 60:.0f} |")
+    m = res["machine"]
+    first = res["rows"][0]
+    return "\n".join(lines) + (f"\n\nK={first['is_samples']} on the {first['is_examples']} test images; {m['cpu']} "
+                               f"({m['cores']} cores, {m['backend']}).")
+
+
 def main() -> int:
     for title, path, fn in (
         ("GMVAE spiral clustering", ROOT / "experiments/results/spiral_gmvae.json", spiral_table),
         ("GMVAE train-step throughput", ROOT / "benchmarks/results/gmvae_steps.json", gmvae_bench_table),
         ("VAEs on digits", ROOT / "experiments/results/digits_vae.json", digits_table),
+        ("The seeds' convolutional VAE on thresholded MNIST", ROOT / "experiments/results/mnist_conv2d.json",
+         conv2d_table),
+        ("The IWAE table, one stochastic layer", ROOT / "experiments/results/iwae_table.json", iwae_table),
     ):
         res = load(path)
         if res is not None:
