@@ -6,6 +6,17 @@ With log-weights log w_m = log p(x, z_m) - log q(z_m | x), z_m ~ q(z | x), m = 1
 * ELBO, analytic KL:     (1/M) sum_m log p(x | z_m) - beta KL(q(z | x) || p(z))
 * IWAE (Burda et al. 2015):  log (1/K) sum_k w_k  =  logsumexp_k(log w_k) - log K
 
+Gradient estimators of the ELBO with respect to q's parameters phi (``make_loss(estimator=...)``):
+
+* ``"reparam"``: the pathwise gradient through z = g(phi, eps) (Kingma & Welling 2014).
+* ``"stl"``: sticking the landing (Roeder et al. 2017): the pathwise gradient with log q's parameters held constant
+  (the score term of log q, zero in expectation, is dropped); its variance vanishes when q = p(z | x).
+* ``"score"``: the score-function (REINFORCE) estimator with a leave-one-out baseline (Kool et al. 2019; the
+  baseline of VIMCO, Mnih & Rezende 2016, for the ELBO): with f_m = log p(x, z_m) - log q(z_m | x), z_m ~ q held
+  constant,  grad_phi ~= (1/M) sum_m (f_m - b_m) grad_phi log q(z_m | x),  b_m = (1/(M-1)) sum_{j != m} f_j.
+  b_m does not depend on z_m, so the estimator is unbiased; it needs M >= 2 samples. The decoder's gradient is
+  (1/M) sum_m grad_theta log p(x | z_m), as in the other two.
+
 A model is any object with ``encode``, ``decode``, ``prior`` and ``log_weights`` (see :mod:`dlvm_jax.models`).
 """
 
@@ -23,7 +34,7 @@ Params = Any
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Metrics]]
 OBJECTIVES = ("elbo", "iwae")
-ESTIMATORS = ("reparam", "stl")
+ESTIMATORS = ("reparam", "stl", "score")
 
 
 def check_num_samples(num_samples: int, name: str = "num_samples") -> int:
@@ -63,6 +74,36 @@ def iwae(model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_sample
     return jax.nn.logsumexp(log_w) - math.log(num_samples)
 
 
+def score_function_elbo(model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_samples: int,
+                        weight: jax.Array | float = 1.0) -> tuple[jax.Array, Metrics]:
+    r"""Surrogate of the Monte-Carlo ELBO whose gradient is the score-function estimator with a leave-one-out
+    baseline, and whose value is the ELBO estimate itself (one example).
+
+    With z_m ~ q(z | x) held constant and f_m = log p(x | z_m) + weight (log p(z_m) - log q(z_m | x)):
+
+        surrogate = (1/M) sum_m [ f_m + sg(f_m - b_m) (log q(z_m | x) - sg(log q(z_m | x))) ],
+
+    where sg is ``stop_gradient``: the second term is 0 in value, and its gradient is the score term. ``f_m`` is
+    evaluated with q's parameters held constant, so the gradient with respect to q's parameters is only the
+    score term, and with respect to the decoder it is the mean of grad log p(x | z_m).
+    """
+    num_samples = check_num_samples(num_samples)
+    if num_samples < 2:
+        raise ValueError("the score-function estimator's leave-one-out baseline needs num_samples >= 2, "
+                         f"got {num_samples}")
+    q = model.encode(params, x)
+    z = jax.lax.stop_gradient(q.sample(seed=key, sample_shape=num_samples))
+    log_q = q.log_prob(z)
+    log_q_const = jax.lax.stop_gradient(log_q)
+    rec = model.decode(params, z).log_prob(x)
+    kl = log_q_const - model.prior(params).log_prob(z)
+    f = rec - weight * kl
+    f_const = jax.lax.stop_gradient(f)
+    baseline = (jnp.sum(f_const) - f_const) / (num_samples - 1)
+    surrogate = jnp.mean(f + (f_const - baseline) * (log_q - log_q_const))
+    return surrogate, {"elbo": jnp.mean(rec - kl), "rec": jnp.mean(rec), "kl": jnp.mean(kl)}
+
+
 def kl_weight(step: jax.Array, *, beta: float = 1.0, warmup_steps: int = 0) -> jax.Array:
     """KL weight at ``step``: ``beta * min(1, step / warmup_steps)`` (linear warm-up), ``beta`` without warm-up."""
     if warmup_steps <= 0:
@@ -83,7 +124,8 @@ def make_loss(
     """Batch loss ``loss_fn(params, batch, key, step) -> (loss, metrics)``: minus the batch mean of the objective.
 
     ``objective`` is ``"elbo"`` or ``"iwae"``; ``estimator`` ``"stl"`` drops the score term of log q (Roeder et al.
-    2017; with the MC-KL ELBO or IWAE). ``metrics`` always holds ``loss`` and ``elbo`` (or ``iwae``) batch means.
+    2017; with the MC-KL ELBO or IWAE); ``"score"`` is the score-function estimator with a leave-one-out baseline
+    (:func:`score_function_elbo`; the MC-KL ELBO, ``num_samples >= 2``). ``metrics`` always holds ``loss`` and ``elbo`` (or ``iwae``) batch means.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -93,13 +135,22 @@ def make_loss(
     if beta < 0:
         raise ValueError(f"the KL weight beta must be >= 0, got {beta}")
     stl = estimator == "stl"
-    if stl and objective == "elbo" and analytic_kl:
-        analytic_kl = False  # STL is defined on the Monte-Carlo form of log q
+    score = estimator == "score"
+    if score and objective != "elbo":
+        raise ValueError("the score-function estimator is implemented for objective='elbo'; use estimator 'reparam' "
+                         "or 'stl' with the IWAE objective")
+    if score and num_samples < 2:
+        raise ValueError("the score-function estimator's leave-one-out baseline needs num_samples >= 2, "
+                         f"got {num_samples}")
+    if (stl or score) and objective == "elbo" and analytic_kl:
+        analytic_kl = False  # STL and the score function are defined on the Monte-Carlo form of log q
 
     def per_example(params: Params, x: jax.Array, key: jax.Array, weight: jax.Array) -> tuple[jax.Array, Metrics]:
         if objective == "iwae":
             value = iwae(model, params, x, key, num_samples=num_samples, stop_q_grad=stl)
             return value, {"iwae": value}
+        if score:
+            return score_function_elbo(model, params, x, key, num_samples=num_samples, weight=weight)
         terms = elbo_terms(model, params, x, key, num_samples=num_samples, analytic_kl=analytic_kl, stop_q_grad=stl)
         return terms["rec"] - weight * terms["kl"], terms
 
