@@ -6,12 +6,16 @@ Per example the K log-weights are drawn in chunks (``lax.map`` over chunks, ``vm
 memory is bounded by ``batch_size * chunk_size`` whatever K and the dataset size. With the normalised weights
 v_k = w_k / max w, the Monte-Carlo standard error of the estimate is (delta method)
 sd(v) / (sqrt(K) mean(v)), and the effective sample size is (sum v)^2 / sum v^2.
+
+``proposal="prior"`` gives the naive Monte-Carlo estimate instead: z_k ~ p(z) and w_k = p(x | z_k), unbiased for
+p(x) like the importance-sampled one, but with a weight variance that grows with how much narrower p(z | x) is than
+p(z) (for MNIST, hopelessly: see experiments/diagnostics_sampling.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,8 @@ from tqdm.auto import tqdm
 from dlvm_jax.objectives import check_num_samples
 
 Params = Any
+#: Where the samples of z come from: the model's amortised q(z | x) (importance sampling) or the prior (naive MC).
+PROPOSALS = ("q", "prior")
 
 
 class ISEstimate(NamedTuple):
@@ -56,29 +62,70 @@ def weight_statistics(log_w: jax.Array) -> ISEstimate:
     return ISEstimate(log_px, stderr, jnp.mean(log_w, axis=-1), ess)
 
 
-def chunked_log_weights(model: Any, params: Params, x: jax.Array, key: jax.Array, num_samples: int,
-                        chunk_size: int) -> jax.Array:
-    """All K log-weights of one example, drawn ``chunk_size`` at a time; shape (num_samples,)."""
+def check_proposal(proposal: str) -> str:
+    if proposal not in PROPOSALS:
+        raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
+    return proposal
+
+
+def prior_log_weights(model: Any, params: Params, x: jax.Array, key: jax.Array, num_samples: int) -> jax.Array:
+    """Naive Monte-Carlo log-weights of one example: log w_k = log p(x | z_k), z_k ~ p(z); shape (num_samples,)."""
+    z = model.prior(params).sample(seed=key, sample_shape=num_samples)
+    return model.decode(params, z).log_prob(x)
+
+
+def proposal_log_weights(model: Any, params: Params, x: jax.Array, proposal: Any, key: jax.Array,
+                         num_samples: int) -> jax.Array:
+    """log w_k = log p(x | z_k) + log p(z_k) - log r(z_k), z_k ~ r, for any distribution r over z (one example)."""
+    z = proposal.sample(seed=key, sample_shape=num_samples)
+    return model.decode(params, z).log_prob(x) + model.prior(params).log_prob(z) - proposal.log_prob(z)
+
+
+def chunked(draw: Callable[[jax.Array, int], jax.Array], key: jax.Array, num_samples: int,
+            chunk_size: int) -> jax.Array:
+    """``num_samples`` values of ``draw(key, n) -> (n,)``, drawn ``chunk_size`` at a time (``lax.map`` over chunks,
+    one key each, the last chunk cut); shape (num_samples,)."""
     chunk = min(chunk_size, num_samples)
     num_chunks = -(-num_samples // chunk)
     keys = jax.random.split(key, num_chunks)
-    log_w = jax.lax.map(lambda k: model.log_weights(params, x, k, chunk), keys)
-    return log_w.reshape(-1)[:num_samples]
+    return jax.lax.map(lambda k: draw(k, chunk), keys).reshape(-1)[:num_samples]
 
 
-def make_batch_estimator(model: Any, *, num_samples: int = 5000, chunk_size: int = 500):
+def chunked_log_weights(model: Any, params: Params, x: jax.Array, key: jax.Array, num_samples: int,
+                        chunk_size: int, *, proposal: str = "q") -> jax.Array:
+    """All K log-weights of one example, drawn ``chunk_size`` at a time; shape (num_samples,). ``proposal="q"``:
+    z ~ q(z | x) (:meth:`log_weights` of the model); ``"prior"``: z ~ p(z) (:func:`prior_log_weights`)."""
+    if check_proposal(proposal) == "prior":
+        return chunked(lambda k, n: prior_log_weights(model, params, x, k, n), key, num_samples, chunk_size)
+    return chunked(lambda k, n: model.log_weights(params, x, k, n), key, num_samples, chunk_size)
+
+
+def make_batch_estimator(model: Any, *, num_samples: int = 5000, chunk_size: int = 500, proposal: str = "q"):
     """Jitted ``estimate(params, batch, key) -> ISEstimate`` for one batch (one key per example from ``key``)."""
     num_samples = check_num_samples(num_samples)
     chunk_size = check_num_samples(chunk_size, "chunk_size")
+    check_proposal(proposal)
 
     @jax.jit
     def estimate(params: Params, batch: jax.Array, key: jax.Array) -> ISEstimate:
         keys = jax.random.split(key, batch.shape[0])
-        log_w = jax.vmap(lambda x, k: chunked_log_weights(model, params, x, k, num_samples, chunk_size))(
-            batch, keys)
+        log_w = jax.vmap(lambda x, k: chunked_log_weights(model, params, x, k, num_samples, chunk_size,
+                                                          proposal=proposal))(batch, keys)
         return weight_statistics(log_w)
 
     return estimate
+
+
+def block_estimates(log_w: jax.Array, k: int) -> jax.Array:
+    """Estimates log (1/k) sum w over the disjoint blocks of ``k`` consecutive log-weights (last axis; a remainder
+    shorter than ``k`` is left out): shape (..., len // k). Independent replicates of the K = k estimate from one
+    long run of weights."""
+    k = check_num_samples(k, "k")
+    n = log_w.shape[-1] // k
+    if n == 0:
+        raise ValueError(f"block size k = {k} is larger than the {log_w.shape[-1]} log-weights")
+    blocks = log_w[..., : n * k].reshape(log_w.shape[:-1] + (n, k))
+    return jax.nn.logsumexp(blocks, axis=-1) - math.log(k)
 
 
 def log_likelihood(
@@ -91,8 +138,11 @@ def log_likelihood(
     chunk_size: int = 500,
     batch_size: int = 100,
     progress: bool = True,
+    proposal: str = "q",
 ) -> ISEstimate:
-    """Importance-sampled log p(x) of every row of ``data`` with K = ``num_samples`` samples from q(z | x).
+    """Importance-sampled log p(x) of every row of ``data`` with K = ``num_samples`` samples from q(z | x)
+    (``proposal="prior"``: the naive Monte-Carlo estimate with K samples from p(z); ESS and standard error then
+    describe the weights p(x | z_k)).
 
     Batch ``i`` uses the key ``fold_in(key, i)``; the last batch is padded and the padding dropped.
     """
@@ -101,10 +151,11 @@ def log_likelihood(
     if n == 0:
         raise ValueError("log_likelihood got an empty dataset")
     batch_size = min(check_num_samples(batch_size, "batch_size"), n)
-    estimate = make_batch_estimator(model, num_samples=num_samples, chunk_size=chunk_size)
+    estimate = make_batch_estimator(model, num_samples=num_samples, chunk_size=chunk_size, proposal=proposal)
     parts = []
     num_batches = -(-n // batch_size)
-    for i in tqdm(range(num_batches), desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):
+    label = "log p(x)" if proposal == "q" else "naive log p(x)"
+    for i in tqdm(range(num_batches), desc=f"{label}, K={num_samples}", disable=not progress, leave=False):
         batch = data[i * batch_size:(i + 1) * batch_size]
         real = batch.shape[0]
         if real < batch_size:
