@@ -10,15 +10,18 @@ whole checkpoint or none); the last ``max_to_keep`` are kept. It holds two items
   that moment, a fingerprint of the configuration, and for each leaf its path, shape, dtype, PRNG implementation
   and a SHA-256 digest of its bytes.
 
-Restoring checks, before reading a single array, that the leaves' paths, shapes and dtypes are those of the
-template the caller gives (a checkpoint of another model is refused in one line naming the first difference); after
-reading, that every leaf's digest matches (a truncated or corrupted file is refused in one line). Nothing is
-pickled: arrays go through tensorstore, the rest through JSON.
+Once orbax has finished a checkpoint, ``dlvm_files.json`` in its folder records the size and SHA-256 of each of
+its files. Restoring checks, before orbax reads anything, that every file is there, whole and unchanged (a
+truncated or corrupted checkpoint is refused in one line, naming the file), and that the leaves' paths, shapes
+and dtypes are those of the template the caller gives (a checkpoint of another model is refused in one line
+naming the first difference); after reading, that every leaf's digest matches. Nothing is pickled: arrays go
+through tensorstore, the rest through JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT = 1
+#: Sizes and SHA-256 digests of a checkpoint's files, written into its folder once orbax has finished it.
+MANIFEST = "dlvm_files.json"
 
 
 class CheckpointError(ValueError):
@@ -63,6 +68,14 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:32]
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
@@ -91,16 +104,22 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self.max_to_keep = int(max_to_keep)
         self._manager: ocp.CheckpointManager | None = None
+        self._writable = False
 
     # -- the orbax manager, made when first needed (reading never creates the folder) -------------------------
 
     def _mngr(self, *, create: bool) -> ocp.CheckpointManager | None:
+        if self._manager is not None and create and not self._writable:
+            self.close()  # opened for reading: reopen for writing (which also clears a killed save's leftovers)
         if self._manager is None:
             if not create and not self.directory.is_dir():
                 return None
+            # Synchronous saves; temporary folders of a save that a killed process left behind are removed.
             options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=create,
-                                                   enable_async_checkpointing=False)
+                                                   enable_async_checkpointing=False,
+                                                   cleanup_tmp_directories=create)
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+            self._writable = create
         return self._manager
 
     def steps(self) -> list[int]:
@@ -138,7 +157,44 @@ class Checkpoints:
         mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                                      meta=ocp.args.JsonSave(record)), force=True)
         mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            self._write_manifest(int(step))
         return True
+
+    def _write_manifest(self, step: int) -> None:
+        """Size and SHA-256 of every file of a finished checkpoint, in ``MANIFEST`` (written atomically), so
+        that damage anywhere is found before orbax reads a byte. A checkpoint whose process was killed before
+        this file was written is still used; its arrays are then checked by their digests alone."""
+        folder = self.directory / str(step)
+        files = {str(p.relative_to(folder)): [p.stat().st_size, _file_digest(p)]
+                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "files": files}), encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST)
+
+    def verify_files(self, step: int) -> None:
+        """Refuse (one line) a checkpoint whose files differ from what was written: missing, cut short, changed."""
+        folder = self.directory / str(step)
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            return
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"checkpoint {folder} is truncated or corrupted: its {MANIFEST} cannot be read "
+                                  f"({_first_line(err)}); {self._older(step)}") from None
+        for name, (size, digest) in files.items():
+            path = folder / name
+            if not path.is_file():
+                problem = "is missing"
+            elif path.stat().st_size != size:
+                problem = f"has {path.stat().st_size} bytes where {size} were written"
+            elif _file_digest(path) != digest:
+                problem = "does not match its recorded SHA-256"
+            else:
+                continue
+            raise CheckpointError(f"checkpoint {folder} is truncated or corrupted: file {name!r} {problem}; "
+                                  f"{self._older(step)}")
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -153,6 +209,7 @@ class Checkpoints:
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of checkpoint ``step`` (default: the latest)."""
         step = self._resolve(step)
+        self.verify_files(step)
         mngr = self._mngr(create=False)
         assert mngr is not None
         try:
@@ -187,16 +244,20 @@ class Checkpoints:
         for s, w in zip(saved, wanted):
             for field in ("path", "shape", "dtype"):
                 if s[field] != w[field]:
+                    theirs = f" ({w['path']!r})" if field != "path" and s["path"] != w["path"] else ""
                     raise CheckpointError(
                         f"checkpoint {where} belongs to another model or configuration: array {s['path']!r} has "
-                        f"{field} {s[field]} there, {w[field]} in this run ({w['path']!r})")
+                        f"{field} {s[field]} there, {w[field]} in this run{theirs}")
 
     def restore(self, template: Any, step: int | None = None, *, meta: dict[str, Any] | None = None
                 ) -> tuple[Any, dict[str, Any]]:
         """``(tree, meta)``: checkpoint ``step`` (default: the latest) read into the structure of ``template``
         (a pytree of arrays, whose shardings the restored arrays take)."""
         step = self._resolve(step if meta is None else int(meta["step"]))
-        meta = self.read_meta(step) if meta is None else meta
+        if meta is None:
+            meta = self.read_meta(step)  # checks the files too
+        else:
+            self.verify_files(step)
         self.check_compatible(template, meta)
         leaves, treedef = jax.tree.flatten(template)
         abstract = {}

@@ -34,7 +34,12 @@ METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "params.msgpack"
 SUMMARY_FILE = "summary.json"
 EVALUATION_FILE = "evaluation.json"
+CHECKPOINT_DIR = "checkpoints"
 CONFIG_FORMAT = 1
+#: Options of ``dlvm train`` that ``--resume`` may change (the rest are fixed by the run's config.json).
+RESUME_OPTIONS = ("epochs", "time_limit", "progress", "devices", "data_dir", "skip_nonfinite", "resume", "config")
+#: TrainConfig fields that do not change what a run computes (left out of the checkpoint fingerprint).
+_NOT_FINGERPRINTED = ("epochs", "time_limit", "checkpoint_every", "keep_checkpoints", "skip_nonfinite")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -72,8 +77,15 @@ class TrainConfig:
     eval_every: int = 10
     time_limit: float | None = None
     restarts: int = 1
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1 steps, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.restarts < 1:
             raise ValueError(f"--restarts must be >= 1, got {self.restarts}")
         if self.epochs < 0:
@@ -461,12 +473,68 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
 
 
-def _fields(cls: type, d: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+def closest(name: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``name``, or ``""``."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _fields(cls: type, d: dict[str, Any], where: str = CONFIG_FILE) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} in {where} must be a JSON object, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
     if unknown:
-        raise ValueError(f"{cls.__name__} in {CONFIG_FILE} has unknown fields {sorted(unknown)}")
-    return cls(**d)
+        raise ValueError(f"{cls.__name__} in {where} has unknown field {unknown[0]!r}{closest(unknown[0], names)}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cls.__name__} in {where}: {str(err).strip().splitlines()[0]}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What a run directory's config.json says (everything but the trained parameters)."""
+
+    path: Path
+    kind: ModelKind
+    model_config: Any
+    objective: Any
+    data: DataSpec
+    train: TrainConfig
+    raw: dict[str, Any]
+
+
+def read_run_config(run_dir: str | os.PathLike, *, data_dir: str | None = None) -> RunConfig:
+    """Read and check ``run_dir``/config.json (``data_dir`` replaces the data folder it names)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no run directory at {path}")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory: it has no {CONFIG_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {cfg_path}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object")
+    kind_name = cfg.get("model")
+    if kind_name not in MODEL_KINDS:
+        raise ValueError(f"{cfg_path} names an unknown model kind {kind_name!r}; known: {', '.join(MODEL_KINDS)}")
+    for section in ("model_config", "objective", "data", "train"):
+        if section not in cfg:
+            raise ValueError(f"{cfg_path} has no {section!r} section{closest(section, list(cfg))}")
+    kind = MODEL_KINDS[kind_name]
+    model_config = _fields(kind.config_cls, cfg["model_config"], str(cfg_path))
+    objective = _fields(kind.objective_cls, cfg["objective"], str(cfg_path))
+    data_spec = _fields(DataSpec, cfg["data"], str(cfg_path))
+    if data_dir is not None:
+        data_spec = dataclasses.replace(data_spec, data_dir=str(data_dir))
+    train_cfg = _fields(TrainConfig, cfg["train"], str(cfg_path))
+    return RunConfig(path, kind, model_config, objective, data_spec, train_cfg, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,34 +557,31 @@ def load_run(run_dir: str | os.PathLike, *, data_dir: str | None = None) -> Run:
 
     from dlvm_jax import train
 
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no run directory at {path}")
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} is not a run directory: it has no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"cannot read {cfg_path}: {err}") from None
-    kind_name = cfg.get("model")
-    if kind_name not in MODEL_KINDS:
-        raise ValueError(f"{cfg_path} names an unknown model kind {kind_name!r}; known: {', '.join(MODEL_KINDS)}")
-    kind = MODEL_KINDS[kind_name]
-    model_config = _fields(kind.config_cls, cfg["model_config"])
-    objective = _fields(kind.objective_cls, cfg["objective"])
-    data_spec = _fields(DataSpec, cfg["data"])
-    if data_dir is not None:
-        data_spec = dataclasses.replace(data_spec, data_dir=str(data_dir))
-    train_cfg = _fields(TrainConfig, cfg["train"])
-    model = kind.build(model_config)
+    rc = read_run_config(run_dir, data_dir=data_dir)
+    path = rc.path
+    model = rc.kind.build(rc.model_config)
     template = jax.eval_shape(model.init, jax.random.key(0))  # structure and shapes only, nothing computed
     params = train.load_params(path / PARAMS_FILE, template)
     expected = jax.tree.map(lambda a: tuple(a.shape), template)
     found = jax.tree.map(lambda a: tuple(np.shape(a)), params)
     if expected != found:
         raise ValueError(f"{path / PARAMS_FILE} does not match the model in {CONFIG_FILE} (parameter shapes differ)")
-    return Run(path, kind, model_config, objective, data_spec, train_cfg, model, params)
+    return Run(path, rc.kind, rc.model_config, rc.objective, rc.data, rc.train, model, params)
+
+
+def check_writable(path: Path, *, option: str = "--run-dir") -> Path:
+    """Create ``path`` (a folder) if needed and make sure files can be written in it; one line if not."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dlvm-write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise PermissionError(f"cannot write to the run directory {path} ({reason}); choose another {option}"
+                              ) from None
+    return path
 
 
 def _new_run_dir(run_dir: str | None, kind: str) -> Path:
@@ -607,13 +672,63 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | N
                    help="stop after the first epoch that ends past this many seconds")
     g.add_argument("--run-dir", default=None, help="output folder [runs/<model>-<timestamp>]")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("devices, checkpoints and faults")
+    g.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split each batch over the first N devices [all devices JAX sees; the batch size must be "
+                        "a multiple of N]")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                   help="orbax checkpoint (RUN_DIR/checkpoints) every STEPS training steps, at the end of the epoch "
+                        "they fall in [at every evaluation]; always at the start and the end")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
+                   help=f"how many of the latest checkpoints to keep [{d.keep_checkpoints}]")
+    g.add_argument("--skip-nonfinite", action="store_true", default=d.skip_nonfinite,
+                   help="skip updates whose loss or gradient is non-finite (counted in train_skipped_steps) "
+                        "instead of stopping the run")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint with its own config.json (only --epochs, "
+                        "--time-limit, --devices, --data-dir, --skip-nonfinite and --no-progress may change)")
+    g.add_argument("--config", default=None, metavar="FILE.json",
+                   help="a JSON object of option values (keys: the long option names, e.g. "
+                        "{\"epochs\": 50, \"batch_size\": 200}); options on the command line win")
+
+
+def _fingerprint(kind_name: str, model_config: Any, objective: Any, spec: DataSpec, train_cfg: TrainConfig
+                 ) -> dict[str, Any]:
+    """What a checkpoint must have been written for: model, objective, data and the options that change the
+    computation (not the data folder, epochs, time limit or checkpoint cadence)."""
+    data_spec = dataclasses.asdict(spec)
+    data_spec.pop("data_dir", None)
+    return {"model": kind_name, "model_config": dataclasses.asdict(model_config),
+            "objective": dataclasses.asdict(objective), "data": data_spec,
+            "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in _NOT_FINGERPRINTED}}
+
+
+def _mesh(devices: int | None, batch_size: int) -> Any:
+    from dlvm_jax import parallel
+
+    mesh = parallel.make_mesh(devices)
+    parallel.check_divisible(batch_size, mesh)
+    return mesh
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import jax
-    import optax
 
     from dlvm_jax import data, train
+
+    if args.model is None:
+        if args.top_resume is None:
+            raise ValueError(f"choose a model to train ({PROG} train {{{','.join(MODEL_KINDS)}}} [options]) or "
+                             f"continue a run ({PROG} train --resume RUN_DIR)")
+        return _resume(args, Path(args.top_resume), epochs=args.top_epochs, time_limit=args.top_time_limit,
+                       devices=args.top_devices, data_dir=args.top_data_dir, skip_nonfinite=args.top_skip_nonfinite,
+                       progress=args.top_progress)
+    if args.resume is not None:
+        _refuse_changed_options(args)
+        default_epochs = args.train_parser.get_default("epochs")
+        return _resume(args, Path(args.resume), epochs=None if args.epochs == default_epochs else args.epochs,
+                       time_limit=args.time_limit, devices=args.devices, data_dir=args.data_dir,
+                       skip_nonfinite=args.skip_nonfinite, progress=args.progress)
 
     kind = MODEL_KINDS[args.model]
     folder = data.data_dir(args.data_dir)
@@ -624,13 +739,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config = kind.make_config(args, dataset, likelihood)
     objective = kind.make_objective(args)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            eval_every=args.eval_every, time_limit=args.time_limit, restarts=args.restarts)
+                            eval_every=args.eval_every, time_limit=args.time_limit, restarts=args.restarts,
+                            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                            skip_nonfinite=args.skip_nonfinite)
     train.check_batch_size(train_cfg.batch_size, dataset.x_train.shape[0])
-    model = kind.build(model_config)
-    train_loss, test_loss = kind.make_losses(model, objective)
+    mesh = _mesh(args.devices, train_cfg.batch_size)
 
-    run_dir = _new_run_dir(args.run_dir, kind.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_writable(_new_run_dir(args.run_dir, kind.name))
     write_json(run_dir / CONFIG_FILE, {
         "format": CONFIG_FORMAT,
         "model": kind.name,
@@ -646,32 +761,126 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{PROG}: training {kind.name} on {dataset.name} ({dataset.x_train.shape[0]} train / "
           f"{dataset.x_test.shape[0]} test, shape {dataset.data_shape}), {likelihood} likelihood, "
           f"{train_cfg.epochs} epochs -> {run_dir}", flush=True)
+    return _train(run_dir, kind, model_config, objective, spec, train_cfg, dataset, mesh=mesh,
+                  progress=args.progress)
 
+
+def check_data_shape(dataset: Any, model_config: Any, run_dir: Path, spec: DataSpec) -> None:
+    """One line if the run's data no longer has the example shape the model was trained on."""
+    trained = tuple(model_config.data_shape)
+    if tuple(dataset.data_shape) != trained:
+        raise ValueError(f"the data of {run_dir} ({spec.source}) now has examples of shape "
+                         f"{tuple(dataset.data_shape)}, but the run was trained on shape {trained}; restore the "
+                         "original data or start a new run")
+
+
+def _refuse_changed_options(args: argparse.Namespace) -> None:
+    """With ``--resume``, every option but :data:`RESUME_OPTIONS` comes from the run's config.json: refuse others."""
+    parser = args.train_parser
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in RESUME_OPTIONS or dest == "help":
+            continue
+        if getattr(args, dest, None) != parser.get_default(dest):
+            raise ValueError(f"{action.option_strings[-1]} cannot be changed when resuming: {args.resume} keeps "
+                             f"its own {CONFIG_FILE} (only --epochs, --time-limit, --devices, --data-dir, "
+                             "--skip-nonfinite and --no-progress may change); start a new run instead")
+
+
+def _resume(args: argparse.Namespace, run_dir: Path, *, epochs: int | None, time_limit: float | None,
+            devices: int | None, data_dir: str | None, skip_nonfinite: bool, progress: bool) -> int:
+    from dlvm_jax.checkpoint import Checkpoints
+
+    rc = read_run_config(run_dir, data_dir=data_dir)
+    if args.model is not None and args.model != rc.kind.name:
+        raise ValueError(f"{run_dir} holds a {rc.kind.name} run, not a {args.model} one; resume it with "
+                         f"'{PROG} train --resume {run_dir}'")
+    changes: dict[str, Any] = {}
+    if epochs is not None:
+        changes["epochs"] = epochs
+    if time_limit is not None:
+        changes["time_limit"] = time_limit
+    if skip_nonfinite:
+        changes["skip_nonfinite"] = True
+    train_cfg = dataclasses.replace(rc.train, **changes)
+    dataset = load_data(rc.data, rc.model_config.likelihood)
+    check_data_shape(dataset, rc.model_config, run_dir, rc.data)
+    num_train = rc.raw.get("num_train")
+    if num_train is not None and int(num_train) != dataset.x_train.shape[0]:
+        raise ValueError(f"the training data of {run_dir} ({rc.data.source}) now has {dataset.x_train.shape[0]} "
+                         f"examples, but the run was trained on {num_train}; restore the original data or start a "
+                         "new run")
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    if not Checkpoints(checkpoint_dir).steps():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({checkpoint_dir} is missing or "
+                                "empty); start the run again")
+    check_writable(run_dir, option="run directory")
+    mesh = _mesh(devices, train_cfg.batch_size)
+
+    def after_restore(meta: dict[str, Any]) -> None:
+        # The checkpoint is valid: record what changed (epochs, time limit, skipping) in config.json.
+        if changes:
+            cfg = dict(rc.raw, train=dataclasses.asdict(train_cfg))
+            cfg["resumed"] = list(rc.raw.get("resumed", [])) + [
+                {"at_step": int(meta["step"]), "changed": changes,
+                 "when": _dt.datetime.now().isoformat(timespec="seconds")}]
+            tmp = run_dir / (CONFIG_FILE + ".tmp")
+            write_json(tmp, cfg)
+            os.replace(tmp, run_dir / CONFIG_FILE)
+        print(f"{PROG}: resuming {rc.kind.name} run {run_dir} from its checkpoint at step {meta['step']} (epoch "
+              f"{meta['epoch']}{', batch ' + str(meta['batch']) if meta.get('batch') else ''}), "
+              f"{train_cfg.epochs} epochs in all", flush=True)
+
+    return _train(run_dir, rc.kind, rc.model_config, rc.objective, rc.data, train_cfg, dataset, mesh=mesh,
+                  progress=progress, resume=True, after_restore=after_restore)
+
+
+def _train(run_dir: Path, kind: ModelKind, model_config: Any, objective: Any, spec: DataSpec, train_cfg: TrainConfig,
+           dataset: Any, *, mesh: Any, progress: bool, resume: bool = False,
+           after_restore: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Train (or go on training) the run in ``run_dir``, then write the figures and summary.json."""
+    import jax
+    import optax
+
+    from dlvm_jax import train
+
+    likelihood = model_config.likelihood
+    model = kind.build(model_config)
+    train_loss, test_loss = kind.make_losses(model, objective)
     start = time.perf_counter()
     k_init, k_train, k_eval, k_fig = jax.random.split(jax.random.key(train_cfg.seed), 4)
     optimizer = optax.adam(train_cfg.lr)
+    common = dict(mesh=mesh, checkpoint_dir=run_dir / CHECKPOINT_DIR, checkpoint_every=train_cfg.checkpoint_every,
+                  keep_checkpoints=train_cfg.keep_checkpoints, resume=resume,
+                  skip_nonfinite=train_cfg.skip_nonfinite, after_restore=after_restore,
+                  fingerprint=_fingerprint(kind.name, model_config, objective, spec, train_cfg))
     selection = None
-    if train_cfg.restarts == 1:
-        state = train.init_state(kind.init(model, k_init, dataset), optimizer, k_train)
-        state, history = train.fit(
-            state, dataset.x_train, loss_fn=train_loss, optimizer=optimizer, batch_size=train_cfg.batch_size,
-            epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
-            eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
-            checkpoint_path=run_dir / PARAMS_FILE, time_limit=train_cfg.time_limit, progress=args.progress,
-            eval_key=k_eval,
-            # Convolution gradients compile to far slower CPU code inside lax.scan: step them one by one.
-            scan=getattr(model_config, "network", "mlp") != "conv")
-    else:
-        state, history, selection = train.fit_restarts(
-            model, dataset.x_train, init_fn=lambda k: kind.init(model, k, dataset), loss_fn=train_loss,
-            optimizer=optimizer, key=k_train, restarts=train_cfg.restarts, batch_size=train_cfg.batch_size,
-            epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
-            eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE, time_limit=train_cfg.time_limit,
-            progress=args.progress)
-        train.save_params(run_dir / PARAMS_FILE, state.params)
-        print(f"kept restart {selection['chosen']} of {train_cfg.restarts}, the best training objective ("
-              f"{', '.join(f'{v:.3f}' for v in selection['train_objective'])}; importance-sampled log p(x), K="
-              f"{selection['score_samples']}: {', '.join(f'{v:.3f}' for v in selection['train_log_px'])})")
+    try:
+        if train_cfg.restarts == 1:
+            state = train.init_state(kind.init(model, k_init, dataset), optimizer, k_train)
+            state, history = train.fit(
+                state, dataset.x_train, loss_fn=train_loss, optimizer=optimizer, batch_size=train_cfg.batch_size,
+                epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
+                eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
+                checkpoint_path=run_dir / PARAMS_FILE, time_limit=train_cfg.time_limit, progress=progress,
+                eval_key=k_eval,
+                # Convolution gradients compile to far slower CPU code inside lax.scan: step them one by one.
+                scan=getattr(model_config, "network", "mlp") != "conv", **common)
+        else:
+            state, history, selection = train.fit_restarts(
+                model, dataset.x_train, init_fn=lambda k: kind.init(model, k, dataset), loss_fn=train_loss,
+                optimizer=optimizer, key=k_train, restarts=train_cfg.restarts, batch_size=train_cfg.batch_size,
+                epochs=train_cfg.epochs, test_data=dataset.x_test, eval_loss_fn=test_loss,
+                eval_every=train_cfg.eval_every, metrics_path=run_dir / METRICS_FILE,
+                time_limit=train_cfg.time_limit, progress=progress, **common)
+            train.save_params(run_dir / PARAMS_FILE, state.params)
+            print(f"kept restart {selection['chosen']} of {train_cfg.restarts}, the best training objective ("
+                  f"{', '.join(f'{v:.3f}' for v in selection['train_objective'])}; importance-sampled log p(x), "
+                  f"K={selection['score_samples']}: {', '.join(f'{v:.3f}' for v in selection['train_log_px'])})")
+    except FloatingPointError as err:
+        message = str(err).replace("(skip_nonfinite=True, dlvm train --skip-nonfinite)",
+                                   f"by resuming with: {PROG} train --resume {run_dir} --skip-nonfinite")
+        raise FloatingPointError(message) from None
     train_seconds = history[-1]["seconds"]
     figures = write_figures(run_dir, model, state.params, dataset, history, k_fig)
     if kind.figures is not None:
@@ -716,7 +925,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
-    from dlvm_jax import likelihood as lik
+    from dlvm_jax import parallel
     from dlvm_jax.objectives import check_num_samples
 
     check_num_samples(args.num_samples, "--num-samples")
@@ -726,10 +935,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-examples must be >= 1, got {args.max_examples}")
     run = load_run(args.run_dir, data_dir=args.data_dir)
     dataset = load_data(run.data, run.model_config.likelihood)
+    check_data_shape(dataset, run.model_config, run.path, run.data)
+    mesh = parallel.make_mesh(args.devices)
     x = dataset.x_test if args.max_examples is None else dataset.x_test[: args.max_examples]
     start = time.perf_counter()
-    est = lik.log_likelihood(run.model, run.params, x, jax.random.key(args.seed), num_samples=args.num_samples,
-                             chunk_size=args.chunk_size, batch_size=args.batch_size, progress=args.progress)
+    # Each batch is split over the devices (rounded up to a multiple of their number; on one device the same
+    # numbers as dlvm_jax.likelihood.log_likelihood).
+    est = parallel.log_likelihood(run.model, run.params, x, jax.random.key(args.seed), mesh=mesh,
+                                  num_samples=args.num_samples, chunk_size=args.chunk_size,
+                                  batch_size=args.batch_size, progress=args.progress)
     result = est.summary()
     result.update({"num_samples": args.num_samples, "chunk_size": args.chunk_size, "seed": args.seed,
                    "split": "test", "seconds": round(time.perf_counter() - start, 3)})
@@ -779,6 +993,91 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The keys an option file may use for ``parser``'s options: long option names (with '_' or '-') and dests."""
+    keys: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config", "resume", "train_parser"):
+            continue
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = action
+        keys.setdefault(action.dest, action)
+    return keys
+
+
+def _option_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A JSON value checked (and converted) as the command line would check ``--key value``."""
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"key {key!r} in config file {where} must be {expected}, got {json.dumps(value)}")
+
+    if action.nargs == 0:  # flags such as --skip-nonfinite, --no-progress, --mc-kl
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        if key == action.dest:
+            return value
+        return action.const if value else action.default
+    if value is None:
+        if action.default is None:
+            return None
+        raise bad("a value (null is not allowed here)")
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif action.type is parse_int_list:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = ",".join(map(str, value)) if value else "none"
+        elif not isinstance(value, str):
+            raise bad("a list of integers such as [128, 128]")
+        try:
+            value = parse_int_list(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"key {key!r} in config file {where}: {err}") from None
+    elif action.type is None and not isinstance(value, str):
+        raise bad("a string")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"key {key!r} in config file {where} must be one of {', '.join(map(str, action.choices))}, "
+                         f"got {json.dumps(value)}{closest(value, action.choices)}")
+    return value
+
+
+def read_option_file(path: str | os.PathLike, parser: argparse.ArgumentParser, *, model: str | None = None
+                     ) -> dict[str, Any]:
+    """``{dest: value}`` from a JSON object of option values for ``parser`` (``dlvm train MODEL --config FILE``).
+
+    Keys are the long option names (``batch_size`` or ``batch-size``); values have the option's type (numbers,
+    strings, true/false for flags, lists of integers for widths such as ``hidden``). An unknown key (with the
+    closest known one suggested), a value of the wrong type or outside the choices is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read config file {path}: {err}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of option values, such as "
+                         '{"epochs": 50, "batch_size": 200}')
+    keys = _option_keys(parser)
+    values: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key == "model":
+            if model is not None and value != model:
+                raise ValueError(f"config file {path} is for model {value!r}, not {model!r}")
+            continue
+        norm = str(key).lstrip("-").replace("-", "_")
+        if norm not in keys:
+            raise ValueError(f"unknown key {key!r} in config file {path}{closest(norm, sorted(keys))}")
+        action = keys[norm]
+        values[action.dest] = _option_value(action, str(key), value, str(path))
+    return values
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Deep latent variable models in JAX: train, evaluate, sample.")
     from dlvm_jax import __version__
@@ -786,14 +1085,28 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p_train = sub.add_parser("train", help="train a model and write a run directory")
-    models = p_train.add_subparsers(dest="model", metavar="MODEL", required=True)
+    p_train = sub.add_parser("train", help="train a model and write a run directory",
+                             description=f"Train a model ({PROG} train MODEL [options]), or continue a run from its "
+                                         f"latest checkpoint ({PROG} train --resume RUN_DIR).")
+    g = p_train.add_argument_group("continuing a run (any model)")
+    g.add_argument("--resume", dest="top_resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint, with its own config.json")
+    g.add_argument("--epochs", dest="top_epochs", type=int, default=None, metavar="N", help="train to this many epochs in all")
+    g.add_argument("--time-limit", dest="top_time_limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the first epoch that ends past this many seconds (of this session)")
+    g.add_argument("--devices", dest="top_devices", type=int, default=None, metavar="N", help="[all devices]")
+    g.add_argument("--data-dir", dest="top_data_dir", default=None, metavar="DIR", help="data folder, if it moved since training")
+    g.add_argument("--skip-nonfinite", dest="top_skip_nonfinite", action="store_true",
+                   help="from now on skip updates whose loss or gradient is non-finite")
+    g.add_argument("--no-progress", dest="top_progress", action="store_false", help="no progress bar")
+    p_train.set_defaults(func=cmd_train)
+    models = p_train.add_subparsers(dest="model", metavar="MODEL")
     for kind in MODEL_KINDS.values():
         p = models.add_parser(kind.name, help=kind.help, description=f"Train a {kind.help}.")
         add_data_arguments(p, kind.defaults.get("data", "digits"))
         kind.add_arguments(p)
         add_train_arguments(p, kind.defaults)
-        p.set_defaults(func=cmd_train)
+        p.set_defaults(func=cmd_train, train_parser=p)
 
     p = sub.add_parser("evaluate", help="importance-sampled test log-likelihood of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -803,6 +1116,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="only the first N test examples")
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument("--data-dir", default=None, help="data folder, if it moved since training")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split each batch over the first N devices [all devices JAX sees]")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -826,8 +1141,12 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dlvm`` console script; returns the exit status (2 for user errors)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            args.train_parser.set_defaults(**read_option_file(args.config, args.train_parser, model=args.model))
+            args = parser.parse_args(argv)  # options on the command line win over the file
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FloatingPointError, IsADirectoryError, PermissionError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

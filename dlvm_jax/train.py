@@ -363,10 +363,10 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: st
     missing = object()
     for k in sorted(set(s) | set(c)):
         if s.get(k, missing) != c.get(k, missing):
-            there = s.get(k, "(not set)")
-            here = c.get(k, "(not set)")
+            there = repr(s[k]) if k in s else "not set"
+            here = repr(c[k]) if k in c else "not set"
             raise CheckpointError(f"checkpoint {where} was written for another model or configuration: {k} is "
-                                  f"{there!r} there and {here!r} here")
+                                  f"{there} there and {here} here")
 
 
 def _check_every(checkpoint_every: int | None) -> int | None:
@@ -399,8 +399,10 @@ class _RunLog:
     def seconds(self) -> float:
         return round(self.elapsed0 + time.perf_counter() - self.start, 3)
 
-    def begin(self, template: Any, *, resume: bool) -> tuple[Any, dict[str, Any] | None]:
-        """A fresh start (refused over existing checkpoints), or ``(restored tree, meta)`` of the latest one."""
+    def begin(self, template: Any, *, resume: bool, after_restore: Callable[[dict[str, Any]], None] | None = None
+              ) -> tuple[Any, dict[str, Any] | None]:
+        """A fresh start (refused over existing checkpoints), or ``(restored tree, meta)`` of the latest one
+        (``after_restore(meta)`` runs once it is restored and checked)."""
         if not resume:
             if self.ckpt is not None and self.ckpt.steps():
                 raise ValueError(f"{self.ckpt.directory} already holds checkpoints (steps "
@@ -418,6 +420,8 @@ class _RunLog:
         self.elapsed0 = float(meta.get("seconds") or 0.0)
         self.last_saved = int(meta["step"])
         self._rewind(meta.get("metrics_bytes"))
+        if after_restore is not None:
+            after_restore(meta)
         self.start = time.perf_counter()
         return tree, meta
 
@@ -536,6 +540,7 @@ def fit(
     resume: bool = False,
     skip_nonfinite: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    after_restore: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train for ``epochs`` epochs (or until ``time_limit`` seconds). Returns the final state and the history.
 
@@ -553,7 +558,8 @@ def fit(
     the end of the epoch in which its step falls; with ``scan=False`` exactly on it. ``resume=True`` continues
     from the latest checkpoint in ``checkpoint_dir`` (``state`` then only gives the structure), cutting the metrics
     log back to its length at that checkpoint; a checkpoint of other data (shape), another batch size, or another
-    ``fingerprint`` (any JSON-able description of the configuration) is refused.
+    ``fingerprint`` (any JSON-able description of the configuration) is refused; ``after_restore(meta)`` runs
+    once the checkpoint is restored and checked, before training goes on.
 
     A non-finite loss term or gradient raises :class:`FloatingPointError` naming the step and the terms (nothing
     of that epoch is recorded or checkpointed); with ``skip_nonfinite=True`` such updates are skipped instead and
@@ -576,9 +582,9 @@ def fit(
     log = _RunLog(metrics_path=metrics_path, checkpoint_dir=checkpoint_dir, keep=keep_checkpoints,
                   every=checkpoint_every, fingerprint={
                       "loop": "fit", "batch_size": batch_size, "train_shape": list(train_data.shape),
-                      "skip_nonfinite": bool(skip_nonfinite), "config": fingerprint or {}})
+                      "config": fingerprint or {}})
     state = parallel.replicate(state, mesh)
-    restored, meta = log.begin({"state": state, "epoch_key": state.key}, resume=resume)
+    restored, meta = log.begin({"state": state, "epoch_key": state.key}, resume=resume, after_restore=after_restore)
     data = parallel.replicate(train_data, mesh)
     epoch, start_batch, epoch_key, done = 0, 0, None, None
     if restored is not None:
@@ -743,6 +749,7 @@ def fit_restarts(
     resume: bool = False,
     skip_nonfinite: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    after_restore: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
     """Train ``restarts`` independent initialisations at once (``vmap`` of :func:`epoch_fn`), then keep the best,
     like the ``n_init`` of k-means or a Gaussian mixture: nothing but the model's own fit to the data decides.
@@ -754,8 +761,8 @@ def fit_restarts(
     ``"all_params"``, stacked on a leading axis). ``metrics_path`` receives one record per evaluation with a value
     per restart.
 
-    ``mesh``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``, ``resume``, ``skip_nonfinite`` and
-    ``fingerprint`` work as in :func:`fit` (checkpoints at the ends of epochs; a non-finite step in any restart
+    ``mesh``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``, ``resume``, ``skip_nonfinite``,
+    ``fingerprint`` and ``after_restore`` work as in :func:`fit` (checkpoints at the ends of epochs; a non-finite step in any restart
     stops the run, naming the restart).
     """
     if select not in SELECTION_CRITERIA:
@@ -790,10 +797,9 @@ def fit_restarts(
     log = _RunLog(metrics_path=metrics_path, checkpoint_dir=checkpoint_dir, keep=keep_checkpoints,
                   every=checkpoint_every, fingerprint={
                       "loop": "fit_restarts", "restarts": int(restarts), "batch_size": batch_size,
-                      "train_shape": list(train_data.shape), "skip_nonfinite": bool(skip_nonfinite),
-                      "config": fingerprint or {}})
+                      "train_shape": list(train_data.shape), "config": fingerprint or {}})
     states = parallel.replicate(states, mesh)
-    restored, meta = log.begin({"state": states}, resume=resume)
+    restored, meta = log.begin({"state": states}, resume=resume, after_restore=after_restore)
     data = parallel.replicate(train_data, mesh)
     start_epoch = 0
     if restored is not None:
