@@ -242,3 +242,34 @@ def test_stepped_epoch_matches_scanned_epoch():
     # Same keys, same batches, same updates; only the order of float operations may differ.
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+
+
+def test_sharded_step_compiles_once_and_skips_non_finite_updates():
+    """make_train_step on a device mesh: traced once for many batches; with skip_nonfinite an update whose loss or
+    gradient is non-finite leaves parameters and optimizer state exactly as they were."""
+    from dlvm_jax import parallel
+
+    traces = []
+
+    def loss_fn(params, batch, key, step):
+        traces.append(batch.shape)
+        loss = jnp.mean(jnp.sum(jnp.square(batch - params["w"]), axis=-1)) * jnp.where(batch[0, 0] > 100, jnp.nan, 1)
+        return loss, {"loss": loss}
+
+    mesh = parallel.make_mesh(1)
+    optimizer = optax.adam(0.1)
+    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, skip_nonfinite=True)
+    state = parallel.replicate(train.init_state({"w": jnp.zeros(3)}, optimizer, jax.random.key(0)), mesh)
+    good = np.ones((8, 3), np.float32)
+    state, _ = step(state, parallel.shard_batch(good, mesh))
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = step(state, parallel.shard_batch(good * 1000, mesh))  # NaN loss: skipped
+    assert not np.isfinite(float(metrics["loss"]))
+    chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
+    assert int(state.step) == 2  # the step counter (and the key) still advance
+    state, _ = step(state, parallel.shard_batch(good, mesh))
+    assert len(traces) == 1 and float(state.params["w"][0]) > float(before[0]["w"][0])
+
+
+def test_eval_batch_size_is_a_multiple_of_the_batch_size():
+    assert [train.eval_batch_size(b) for b in (8, 64, 100, 128, 200)] == [104, 128, 100, 128, 200]
