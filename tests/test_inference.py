@@ -253,3 +253,56 @@ def test_imputation_bad_arguments(small_vae, assert_one_line):
     with pytest.raises(ValueError, match=r"burn_in must be in \[0, steps\)") as err:
         inf.impute_mwg(small_vae, None, jnp.zeros(64), jnp.ones(64, bool), jax.random.key(0), steps=5, burn_in=5)
     assert_one_line(err.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The experiment scripts, end to end on tiny settings (slow: each compiles its own functions; needs the data)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_diagnostics_scripts_tiny_run(tmp_path, monkeypatch):
+    import importlib
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from dlvm_jax import data
+
+    root = os.environ.get(data.DATA_DIR_ENV)
+    if not root:
+        pytest.skip(f"{data.DATA_DIR_ENV} is not set: no MNIST for the diagnostics scripts")
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(experiments))
+    for name in ("diagnostics_vae", "diagnostics_gaps", "diagnostics_estimators", "diagnostics_sampling",
+                 "diagnostics_imputation"):
+        sys.modules.pop(name, None)
+    mods = {n: importlib.import_module(f"diagnostics_{n}") for n in ("vae", "gaps", "estimators", "sampling",
+                                                                       "imputation")}
+    common = ["--data-dir", root, "--params", str(tmp_path / "v.msgpack"), "--record", str(tmp_path / "v.json"),
+              "--no-progress"]
+    assert mods["vae"].main(["--data-dir", root, "--epochs", "1", "--max-train", "200", "--params",
+                             str(tmp_path / "v.msgpack"), "--out", str(tmp_path / "v.json"), "--no-progress"]) == 0
+    assert mods["gaps"].main(common + ["--num-test", "4", "--is-samples", "20", "--steps", "5", "--lg-points", "5",
+                                       "--lg-steps", "5", "--out", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["summary"]["num_examples"] == 4 and g["reference"]["log_px"] == -89.80
+    assert g["checks"]["images_with_refined_below_amortised_by_3se"] >= 0 and "linear_gaussian" in g
+    assert mods["estimators"].main(common + ["--num-keys", "4", "--lg-epochs", "1", "--var-batch", "2",
+                                             "--train-epochs", "0", "--out", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["linear_gaussian"]["path"][-1]["stl"]["encoder"] < 1e-8  # STL at the exact posterior
+    assert set(e["mnist"]["variance"]) == {"reparam", "reparam_mc", "stl", "score"}
+    assert mods["sampling"].main(common + ["--max-k", "100", "--repeats", "1", "--lg-points", "3", "--lg-repeats",
+                                           "2", "--mnist-images", "2", "--chunk", "50",
+                                           "--out", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert [r["k"] for r in s["linear_gaussian"]["by_k"]["q"]] == [1, 10, 100]
+    assert mods["imputation"].main(common + ["--num-images", "3", "--is-samples", "10", "--mwg-steps", "6",
+                                             "--burn-in", "2", "--figure-images", "3",
+                                             "--out", str(tmp_path / "i.json")]) == 0
+    i = json.loads((tmp_path / "i.json").read_text())
+    assert all(i["observed_pixels_unchanged"].values())
+    for stem in ("g", "e", "s", "i"):
+        assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
