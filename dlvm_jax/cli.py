@@ -37,7 +37,7 @@ EVALUATION_FILE = "evaluation.json"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FORMAT = 1
 #: Options of ``dlvm train`` that ``--resume`` may change (the rest are fixed by the run's config.json).
-RESUME_OPTIONS = ("epochs", "time_limit", "progress", "devices", "data_dir", "skip_nonfinite", "resume", "config")
+RESUME_OPTIONS = ("epochs", "time_limit", "progress", "devices", "data_dir", "skip_nonfinite", "resume")
 #: TrainConfig fields that do not change what a run computes (left out of the checkpoint fingerprint).
 _NOT_FINGERPRINTED = ("epochs", "time_limit", "checkpoint_every", "keep_checkpoints", "skip_nonfinite")
 
@@ -678,7 +678,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | N
                         "a multiple of N]")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                    help="orbax checkpoint (RUN_DIR/checkpoints) every STEPS training steps, at the end of the epoch "
-                        "they fall in [at every evaluation]; always at the start and the end")
+                        "they fall in (conv networks: exactly) [at every evaluation]; always at the start and the end")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
                    help=f"how many of the latest checkpoints to keep [{d.keep_checkpoints}]")
     g.add_argument("--skip-nonfinite", action="store_true", default=d.skip_nonfinite,
@@ -777,6 +777,8 @@ def check_data_shape(dataset: Any, model_config: Any, run_dir: Path, spec: DataS
 def _refuse_changed_options(args: argparse.Namespace) -> None:
     """With ``--resume``, every option but :data:`RESUME_OPTIONS` comes from the run's config.json: refuse others."""
     parser = args.train_parser
+    if getattr(args, "config", None):
+        raise ValueError(f"--config cannot be used with --resume: {args.resume} keeps its own {CONFIG_FILE}")
     for action in parser._actions:
         dest = action.dest
         if not action.option_strings or dest in RESUME_OPTIONS or dest == "help":

@@ -804,10 +804,10 @@ def fit_restarts(
     start_epoch = 0
     if restored is not None:
         states, start_epoch = restored["state"], int(meta["epoch"])
-    step = int(states.step[0])
+    step = int(jax.device_get(states.step)[0])  # (host-side indexing: no compilation for a one-off op)
 
     def record(ep: int, train_metrics: dict[str, np.ndarray] | None) -> None:
-        rec: dict[str, Any] = {"epoch": ep, "step": int(states.step[0]), "seconds": log.seconds()}
+        rec: dict[str, Any] = {"epoch": ep, "step": int(jax.device_get(states.step)[0]), "seconds": log.seconds()}
         if train_metrics:
             rec.update({f"train_{k}": np.asarray(v).tolist() for k, v in train_metrics.items()})
         if evaluate is not None:
@@ -853,7 +853,7 @@ def fit_restarts(
         bar.close()
         log.close()
     history = log.history
-    scored = data[:score_examples]
+    scored = train_data[:score_examples]
     if restarts > 1:
         log_px = make_scorer(model, num_samples=score_samples)(states.params, scored, jax.random.fold_in(key, 7))
         objective = make_objective_scorer(loss_fn)(states.params, scored, jax.random.fold_in(key, 8))
@@ -861,7 +861,7 @@ def fit_restarts(
         log_px = objective = np.full((1,), np.nan)
     scores = {"objective": objective, "log_px": log_px}[select]
     best = int(np.argmax(np.where(np.isfinite(scores), scores, -np.inf)))
-    chosen = jax.tree.map(lambda a: a[best], states)
+    chosen = jax.jit(lambda s, i: jax.tree.map(lambda a: a[i], s))(states, best)  # one compilation, not one a leaf
     reduced = [{k: (v[best] if isinstance(v, list) else v) for k, v in rec.items()} for rec in history]
     selection = {"restarts": int(restarts), "select": select, "chosen": best,
                  "train_objective": [float(v) if np.isfinite(v) else None for v in objective],

@@ -371,6 +371,9 @@ def test_resume_refuses_changed_options_and_missing_checkpoints(spiral_run: Path
                            "--lr cannot be changed when resuming")
     _assert_one_line_error(cli.main(["train", "gmvae", "--resume", str(run_dir)]), capsys,
                            "holds a vae run, not a gmvae one")
+    (tmp_path / "options.json").write_text(json.dumps({"epochs": 3}))
+    _assert_one_line_error(cli.main(["train", "vae", "--resume", str(run_dir), "--config",
+                                     str(tmp_path / "options.json")]), capsys, "--config cannot be used with --resume")
     assert _snapshot(run_dir) == before
     shutil.rmtree(run_dir / "checkpoints")
     _assert_one_line_error(cli.main(["train", "--resume", str(run_dir)]), capsys, "no checkpoint to resume from")
