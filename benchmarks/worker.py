@@ -1,0 +1,305 @@
+"""One measurement in a fresh process: ``python -m benchmarks.worker '<task as JSON>'``.
+
+Each measurement runs in its own process so that its peak resident memory (``ru_maxrss``) is its own, and so that
+a JAX measurement never shares the machine's cores with idle PyTorch thread pools or the other way round. A JAX
+task never imports torch and a torch task never imports JAX. The result is printed as one line
+``RESULT {json}`` on stdout.
+
+Tasks (``kind``): ``peak`` (float32 matmul FLOP/s), ``train`` (train-step throughput) and ``is``
+(importance-sampled log-likelihood throughput), each for ``framework`` ``jax``, ``torch_eager`` or
+``torch_compile`` (``is`` and ``peak``: ``jax`` or ``torch``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def objective_for(model: str, num_samples: int) -> str:
+    """The VAEs train on the ELBO (analytic KL) with one sample and on the IWAE bound with more; the GMVAE on
+    its own loss (free bits 0.5)."""
+    if model == "gmvae":
+        return "gmvae"
+    return "elbo" if num_samples == 1 else "iwae"
+
+
+def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, warmup_s: float) -> list[float]:
+    """Seconds per step over ``repeats`` runs of ``run(calls)`` (which must finish all its work before
+    returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up."""
+    start = time.perf_counter()
+    n = 0
+    while True:
+        run(1)
+        n += 1
+        if n >= 3 and time.perf_counter() - start > warmup_s:
+            break
+    t = time.perf_counter()
+    run(2)
+    per_call = (time.perf_counter() - t) / 2
+    calls = max(2, int(round(target_s / max(per_call, 1e-6))))
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(calls)
+        out.append((time.perf_counter() - t) / calls)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JAX
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _no_tensorflow() -> None:
+    """Keep TensorFlow out of a JAX process. TFP's JAX substrate (under distrax) imports TensorFlow whenever it is
+    installed (the ``tfds`` extra installs it), which costs every JAX process ~600 MB of resident memory and ~8 s
+    of import while playing no part in the computation; a user without TensorFlow never pays it."""
+    sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
+
+
+def _jax_model(name: str, num_samples: int):
+    from dlvm_jax.models.gmvae import GMVAE, GMVAEConfig, make_gmvae_loss
+    from dlvm_jax.models.vae import VAE, VAEConfig
+    from dlvm_jax.objectives import make_loss
+
+    if name == "gmvae":
+        model = GMVAE(GMVAEConfig())
+        return model, make_gmvae_loss(model, num_samples=num_samples, free_bits=0.5)
+    cfg = VAEConfig() if name == "mlp_vae" else VAEConfig(data_shape=(28, 28, 1), latent_dim=2, network="conv")
+    model = VAE(cfg)
+    return model, make_loss(model, objective=objective_for(name, num_samples), num_samples=num_samples)
+
+
+def _jax_data(task: dict[str, Any], n: int) -> np.ndarray:
+    x = np.load(task["data"], allow_pickle=False)[:n]
+    return x.reshape(-1, 28, 28, 1) if task["model"] == "conv_vae" else x
+
+
+def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
+    _no_tensorflow()
+    import jax
+    import jax.numpy as jnp
+
+    n = task["n"]
+    a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(0)))
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, b).block_until_ready()
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            out = mm(a, b)
+        out.block_until_ready()
+
+    times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9}
+
+
+def jax_train(task: dict[str, Any]) -> dict[str, Any]:
+    _no_tensorflow()
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dlvm_jax.train import init_state, make_train_step
+
+    model, loss_fn = _jax_model(task["model"], task["num_samples"])
+    opt = optax.adam(1e-3)
+    batch = jnp.asarray(_jax_data(task, task["batch_size"]))
+    state = init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1))
+    step = make_train_step(loss_fn, opt)
+    rss_setup = rss_mb()
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t
+    box = [state]
+
+    def run(calls: int) -> None:
+        s = box[0]
+        for _ in range(calls):
+            s, m = step(s, batch)
+        jax.block_until_ready((s, m))
+        box[0] = s
+
+    times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
+    step_s = statistics.median(times)
+    return {"steps_per_s": 1.0 / step_s, "repeat_steps_per_s": [1.0 / t for t in times],
+            "compile_s": max(0.0, compile_s - step_s), "rss_setup_mb": rss_setup}
+
+
+def jax_is(task: dict[str, Any]) -> dict[str, Any]:
+    _no_tensorflow()
+    import jax
+    import jax.numpy as jnp
+
+    from dlvm_jax.likelihood import make_batch_estimator
+
+    model, _ = _jax_model(task["model"], 1)
+    data = _jax_data(task, task["images"])
+    params = jax.jit(model.init)(jax.random.key(0))
+    estimate = make_batch_estimator(model, num_samples=task["num_samples"], chunk_size=task["chunk"])
+    bs = task["batch_size"]
+    key = jax.random.key(2)
+    rss_setup = rss_mb()
+    t = time.perf_counter()
+    jax.block_until_ready(estimate(params, jnp.asarray(data[:bs]), jax.random.fold_in(key, 10**6)))  # compile
+    compile_s = time.perf_counter() - t
+    batches = [jnp.asarray(data[i:i + bs]) for i in range(0, data.shape[0], bs)]
+    jax.block_until_ready(estimate(params, batches[0], jax.random.fold_in(key, 10**6 + 1)))  # warm-up, as for PyTorch
+    seconds, log_px = [], []
+    for i, b in enumerate(batches):
+        t = time.perf_counter()
+        out = jax.block_until_ready(estimate(params, b, jax.random.fold_in(key, i)))
+        seconds.append(time.perf_counter() - t)
+        log_px.append(np.asarray(out.log_px))
+    n_logw = data.shape[0] * task["num_samples"]
+    compile_s = max(0.0, compile_s - statistics.median(seconds))  # the first call less one batch's run time
+    return {"logw_per_s": n_logw / sum(seconds), "seconds": sum(seconds), "compile_s": compile_s,
+            "batch_seconds": seconds, "log_px_mean": float(np.mean(np.concatenate(log_px))),
+            "rss_setup_mb": rss_setup}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _torch_setup():
+    import torch
+
+    torch.set_num_threads(cores())
+    torch.manual_seed(0)
+    return torch
+
+
+def _torch_model(name: str):
+    from benchmarks import torch_models as tm
+
+    return {"mlp_vae": tm.mlp_vae, "conv_vae": tm.conv_vae, "gmvae": tm.GMVAE}[name]()
+
+
+def _torch_data(torch, task: dict[str, Any], n: int):
+    x = np.load(task["data"], allow_pickle=False)[:n]
+    if task["model"] == "conv_vae":
+        x = x.reshape(-1, 1, 28, 28)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def torch_peak(task: dict[str, Any]) -> dict[str, Any]:
+    torch = _torch_setup()
+    n = task["n"]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+
+    times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9}
+
+
+def torch_train(task: dict[str, Any]) -> dict[str, Any]:
+    torch = _torch_setup()
+    name, m = task["model"], task["num_samples"]
+    model = _torch_model(name)
+    x = _torch_data(torch, task, task["batch_size"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # one fused kernel for all parameters
+    if name == "gmvae":
+        def loss_fn(x):
+            return model.loss(x, m, 0.5)
+    else:
+        objective = objective_for(name, m)
+
+        def loss_fn(x):
+            return model.loss(x, objective, m)
+
+    compiled = task["framework"] == "torch_compile"
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+
+    rss_setup = rss_mb()
+    t = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            step()
+
+    times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
+    out = {"steps_per_s": 1.0 / statistics.median(times), "repeat_steps_per_s": [1.0 / t for t in times],
+           "rss_setup_mb": rss_setup}
+    if compiled:
+        out["compile_s"] = max(0.0, first_s - statistics.median(times))
+    return out
+
+
+def torch_is(task: dict[str, Any]) -> dict[str, Any]:
+    torch = _torch_setup()
+    from benchmarks import torch_models as tm
+
+    model = _torch_model(task["model"])
+    data = _torch_data(torch, task, task["images"])
+    bs, k, chunk = task["batch_size"], task["num_samples"], task["chunk"]
+    rss_setup = rss_mb()
+    tm.log_likelihood(model, data[:bs], min(k, 2 * chunk), chunk)  # warm-up (oneDNN primitive caches)
+    seconds, log_px = [], []
+    for i in range(0, data.shape[0], bs):
+        t = time.perf_counter()
+        log_px.append(tm.log_likelihood(model, data[i:i + bs], k, chunk).numpy())
+        seconds.append(time.perf_counter() - t)
+    n_logw = data.shape[0] * k
+    return {"logw_per_s": n_logw / sum(seconds), "seconds": sum(seconds), "batch_seconds": seconds,
+            "log_px_mean": float(np.mean(np.concatenate(log_px))), "rss_setup_mb": rss_setup}
+
+
+TASKS = {
+    ("peak", "jax"): jax_peak, ("peak", "torch"): torch_peak,
+    ("train", "jax"): jax_train, ("train", "torch_eager"): torch_train, ("train", "torch_compile"): torch_train,
+    ("is", "jax"): jax_is, ("is", "torch"): torch_is,
+}
+
+
+def main(argv: list[str]) -> int:
+    task = json.loads(argv[0])
+    try:
+        out = TASKS[(task["kind"], task["framework"])](task)
+        out["peak_rss_mb"] = rss_mb()
+        if "rss_setup_mb" in out:
+            out["rss_increase_mb"] = out["peak_rss_mb"] - out["rss_setup_mb"]
+    except Exception as err:  # recorded in the JSON (e.g. torch.compile without a working C++ compiler)
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        out = {"error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:500],
+               "traceback_tail": traceback.format_exc().splitlines()[-6:]}
+    out["threads"] = cores()
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
