@@ -1,9 +1,9 @@
 """Where the time of the MLP VAE's importance-sampled log-likelihood goes, in JAX and in PyTorch.
 
-    python -m benchmarks.profile_is [--rows 50000] [--out benchmarks/results/profile_is.json]
+    python -m benchmarks.profile_is [--rows 10000] [--out benchmarks/results/profile_is.json]
 
 One chunk of the IS evaluation of the Bernoulli 784-200-200-50 VAE decodes ``rows`` latent samples (100 images x
-500 samples in ``python -m benchmarks``). The chunk is timed cumulatively, piece by piece: the three matmuls
+100 samples in ``python -m benchmarks``). The chunk is timed cumulatively, piece by piece: the three matmuls
 alone, the decoder network (bias and tanh added), then the decoder with the Bernoulli log-likelihood as dlvm_jax
 computes it (distrax: log_sigmoid(l) x + log_sigmoid(-l) (1 - x), two softplus per pixel) and in the one-softplus
 form x l - softplus(l) with softplus(l) = max(l, 0) + log1p(exp(-|l|)); finally the library's whole chunk
@@ -40,7 +40,7 @@ def best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_is", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=50000, help="decoded samples per chunk (100 images x 500)")
+    p.add_argument("--rows", type=int, default=10000, help="decoded samples per chunk (100 images x 100)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
 

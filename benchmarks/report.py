@@ -42,14 +42,16 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     peak = results["matmul_peak"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; jax {m['jax']}, flax {m['flax']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores; device {m['device']} (PyTorch: {m.get('torch_device', '-')}); "
+        f"jax {m['jax']}, flax {m['flax']}, "
         f"torch {m['torch']}; {m['date']}. Command: `{results['command'].strip()}`.",
         f"Load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end {m['load_average_end']}"
         + (f"; PyTorch ran with OMP_WAIT_POLICY={m['torch_omp_wait_policy']}"
            if m.get("torch_omp_wait_policy", "default") != "default" else "") + ".",
-        f"Float32 matmul peak (2048x2048, best of 5): JAX {_f(peak['jax_gflops'])} GFLOP/s, PyTorch "
+        f"Float32 matmul peak ({peak['n']}x{peak['n']}, best of 5): JAX {_f(peak['jax_gflops'])} GFLOP/s, PyTorch "
         f"{_f(peak['torch_gflops'])} GFLOP/s; the fractions below are of {_f(peak['peak_gflops'])} GFLOP/s. "
         f"Data: {results['data']['images']}; {results['data']['spiral']}.",
+        *([f"Note: {results['note']}."] if results.get("note") else []),
         "",
         "Train-step throughput (steps/s, median of the repeats; batch 100 for the VAEs, 200 for the GMVAE; VAEs: "
         "ELBO with M=1, IWAE with M=10):",

@@ -29,7 +29,15 @@ def cores() -> int:
 
 
 def rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
+    """Peak resident set size of this process so far (MB): VmHWM, which starts afresh at exec (``ru_maxrss`` keeps
+    the parent's peak across fork and exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -68,6 +76,24 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _jax_setup():
+    """Import JAX without TensorFlow; on GPUs, full float32 matmuls (no TF32), as PyTorch's default (CPU matmuls
+    are full float32 either way)."""
+    _no_tensorflow()
+    import jax
+
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    return jax
+
+
+def _jax_device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}: {getattr(d, 'device_kind', d.platform)}"
+
+
 def _no_tensorflow() -> None:
     """Keep TensorFlow out of a JAX process. TFP's JAX substrate (under distrax) imports TensorFlow whenever it is
     installed (the ``tfds`` extra installs it), which costs every JAX process ~600 MB of resident memory and ~8 s
@@ -94,11 +120,10 @@ def _jax_data(task: dict[str, Any], n: int) -> np.ndarray:
 
 
 def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
-    _no_tensorflow()
-    import jax
+    jax = _jax_setup()
     import jax.numpy as jnp
 
-    n = task["n"]
+    n = task["n"] if jax.default_backend() == "cpu" else max(task["n"], 8192)
     a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(0)))
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, b).block_until_ready()
@@ -113,8 +138,7 @@ def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def jax_train(task: dict[str, Any]) -> dict[str, Any]:
-    _no_tensorflow()
-    import jax
+    jax = _jax_setup()
     import jax.numpy as jnp
     import optax
 
@@ -146,8 +170,7 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def jax_is(task: dict[str, Any]) -> dict[str, Any]:
-    _no_tensorflow()
-    import jax
+    jax = _jax_setup()
     import jax.numpy as jnp
 
     from dlvm_jax.likelihood import make_batch_estimator
@@ -183,11 +206,28 @@ def jax_is(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torch_setup():
+    """PyTorch on the GPU when one is present, else the CPU with one thread per core; full float32 (no TF32)."""
     import torch
 
     torch.set_num_threads(cores())
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return torch
+
+
+def _torch_device(torch) -> Any:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(torch, device) -> None:
+    """Wait for queued GPU work before a clock stops (CPU operations are synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _torch_device_name(torch, device) -> str:
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
 
 
 def _torch_model(name: str):
@@ -200,27 +240,31 @@ def _torch_data(torch, task: dict[str, Any], n: int):
     x = np.load(task["data"], allow_pickle=False)[:n]
     if task["model"] == "conv_vae":
         x = x.reshape(-1, 1, 28, 28)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.ascontiguousarray(x)).to(_torch_device(torch))
 
 
 def torch_peak(task: dict[str, Any]) -> dict[str, Any]:
     torch = _torch_setup()
-    n = task["n"]
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    device = _torch_device(torch)
+    n = task["n"] if device.type == "cpu" else max(task["n"], 8192)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
 
     def run(calls: int) -> None:
         for _ in range(calls):
             torch.mm(a, b, out=out)
+        _sync(torch, device)
 
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
-    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9}
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9,
+            "n": n, "device": _torch_device_name(torch, device)}
 
 
 def torch_train(task: dict[str, Any]) -> dict[str, Any]:
     torch = _torch_setup()
     name, m = task["model"], task["num_samples"]
-    model = _torch_model(name)
+    device = _torch_device(torch)
+    model = _torch_model(name).to(device)
     x = _torch_data(torch, task, task["batch_size"])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # one fused kernel for all parameters
     if name == "gmvae":
@@ -245,11 +289,13 @@ def torch_train(task: dict[str, Any]) -> dict[str, Any]:
     rss_setup = rss_mb()
     t = time.perf_counter()
     step()
+    _sync(torch, device)
     first_s = time.perf_counter() - t
 
     def run(calls: int) -> None:
         for _ in range(calls):
             step()
+        _sync(torch, device)
 
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
     out = {"steps_per_s": 1.0 / statistics.median(times), "repeat_steps_per_s": [1.0 / t for t in times],
@@ -263,7 +309,7 @@ def torch_is(task: dict[str, Any]) -> dict[str, Any]:
     torch = _torch_setup()
     from benchmarks import torch_models as tm
 
-    model = _torch_model(task["model"])
+    model = _torch_model(task["model"]).to(_torch_device(torch))
     data = _torch_data(torch, task, task["images"])
     bs, k, chunk = task["batch_size"], task["num_samples"], task["chunk"]
     rss_setup = rss_mb()
@@ -271,7 +317,7 @@ def torch_is(task: dict[str, Any]) -> dict[str, Any]:
     seconds, log_px = [], []
     for i in range(0, data.shape[0], bs):
         t = time.perf_counter()
-        log_px.append(tm.log_likelihood(model, data[i:i + bs], k, chunk).numpy())
+        log_px.append(tm.log_likelihood(model, data[i:i + bs], k, chunk).cpu().numpy())  # .cpu() waits
         seconds.append(time.perf_counter() - t)
     n_logw = data.shape[0] * k
     return {"logw_per_s": n_logw / sum(seconds), "seconds": sum(seconds), "batch_seconds": seconds,

@@ -1,0 +1,96 @@
+"""Layer by layer: the conv VAE's convolutions in JAX (XLA:CPU) and PyTorch (oneDNN), forward and forward+backward.
+
+    python -m benchmarks.profile_conv [--batch 100] [--out benchmarks/results/profile_conv.json]
+
+Each layer of the conv VAE (dlvm_jax.networks.ConvEncoder / ConvDecoder, with the decoder's transposed
+convolution as dlvm_jax computes it, ``ConvTranspose2x``) runs on a batch of random inputs: the forward pass, and
+the gradient of sum(output^2) with respect to the weights and (except for the first layer) the input. Best of 5,
+in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]  # see benchmarks.worker._no_tensorflow
+
+OUT = Path(__file__).resolve().parent / "results" / "profile_conv.json"
+
+
+def best_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(1e3 * min(times), 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_conv", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args(argv)
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks.common import machine
+    from benchmarks.worker import cores
+    from dlvm_jax.networks import ConvTranspose2x
+
+    torch.set_num_threads(cores())
+    b = args.batch
+    layers = [
+        ("conv 1->32, 28x28", nn.Conv(32, (3, 3), padding="SAME"), (b, 28, 28, 1),
+         torch.nn.Conv2d(1, 32, 3, padding=1), (b, 1, 28, 28), False),
+        ("conv 32->64, stride 2", nn.Conv(64, (3, 3), strides=(2, 2), padding="SAME"), (b, 28, 28, 32),
+         torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), (b, 32, 28, 28), True),
+        ("conv 64->64, 14x14", nn.Conv(64, (3, 3), padding="SAME"), (b, 14, 14, 64),
+         torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
+        ("transposed conv 64->32, stride 2", ConvTranspose2x(32), (b, 14, 14, 64),
+         torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),
+        ("conv 32->1, 28x28", nn.Conv(1, (3, 3), padding="SAME"), (b, 28, 28, 32),
+         torch.nn.Conv2d(32, 1, 3, padding=1), (b, 32, 28, 28), True),
+    ]
+    rows = []
+    print(f"batch {b}; milliseconds, best of 5")
+    for name, jl, jshape, tl, tshape, input_grad in layers:
+        x = jax.random.normal(jax.random.key(0), jshape)
+        params = jl.init(jax.random.key(1), x)
+        fwd = jax.jit(jl.apply)
+        grad = jax.jit(jax.grad(lambda p, x, jl=jl: jnp.sum(jnp.square(jl.apply(p, x))),
+                                argnums=(0, 1) if input_grad else 0))
+        xt = torch.randn(tshape, requires_grad=input_grad)
+
+        def torch_grad(tl=tl, xt=xt) -> None:
+            tl.zero_grad()
+            tl(xt).square().sum().backward()
+
+        row = {"layer": name,
+               "jax_forward_ms": best_ms(lambda: fwd(params, x).block_until_ready()),
+               "jax_forward_backward_ms": best_ms(lambda: jax.block_until_ready(grad(params, x))),
+               "torch_forward_ms": best_ms(lambda: tl(xt)),
+               "torch_forward_backward_ms": best_ms(torch_grad)}
+        rows.append(row)
+        print(f"{name:<34} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
+              f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
+    result = {"machine": {**machine(), "load_average": [round(v, 2) for v in os.getloadavg()]}, "batch": b,
+              "layers": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
