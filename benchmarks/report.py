@@ -151,6 +151,18 @@ def bar_chart(results: dict[str, Any], path: str | Path) -> None:
     ax.set_title("Importance-sampled log-likelihood")
     ax.legend(fontsize=8)
     m = results["machine"]
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax in axes:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks([0.25, 0.5, 1, 1.5, 2, 3, 5, 10])
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.8), max(hi, 2.5))
+        for bar in ax.patches:
+            h = bar.get_height()
+            if np.isfinite(h):
+                ax.annotate(f"{h:.2f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
     fig.suptitle(f"dlvm_jax vs PyTorch on {m['cpu']} ({m['cores']} cores), {m['date']}; load average at start "
                  f"{m['load_average_start'][0]}", fontsize=9)
     fig.tight_layout()

@@ -91,7 +91,8 @@ def _jax_device() -> str:
     import jax
 
     d = jax.devices()[0]
-    return f"{d.platform}: {getattr(d, 'device_kind', d.platform)}"
+    kind = getattr(d, "device_kind", d.platform)
+    return d.platform if kind == d.platform else f"{d.platform}: {kind}"
 
 
 def _no_tensorflow() -> None:
@@ -134,7 +135,8 @@ def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
         out.block_until_ready()
 
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
-    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9}
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9,
+            "n": n, "device": _jax_device()}
 
 
 def jax_train(task: dict[str, Any]) -> dict[str, Any]:
