@@ -107,6 +107,7 @@ class ObjectiveConfig:
     analytic_kl: bool = True
     beta: float = 1.0
     warmup_steps: int = 0
+    estimator: str = "reparam"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 def add_vae_arguments(p: argparse.ArgumentParser) -> None:
     from dlvm_jax.models.vae import NETWORKS
     from dlvm_jax.networks import ACTIVATIONS
-    from dlvm_jax.objectives import OBJECTIVES
+    from dlvm_jax.objectives import ESTIMATORS, OBJECTIVES
 
     g = p.add_argument_group("model")
     g.add_argument("--network", choices=NETWORKS, default="mlp", help="encoder/decoder networks (conv: 28x28x1 "
@@ -289,6 +290,9 @@ def add_vae_arguments(p: argparse.ArgumentParser) -> None:
     kl.add_argument("--mc-kl", dest="analytic_kl", action="store_false", help="Monte-Carlo KL in the ELBO")
     g.add_argument("--beta", type=float, default=1.0, help="KL weight (elbo) [1.0]")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear KL warm-up from 0 to beta over N steps [0]")
+    g.add_argument("--estimator", choices=ESTIMATORS, default="reparam",
+                   help="gradient estimator: reparam (pathwise), stl (sticking the landing; Monte-Carlo KL) or score "
+                        "(score function with a leave-one-out baseline; elbo, K >= 2) [reparam]")
 
 
 def vae_config(args: argparse.Namespace, dataset: Any, likelihood: str) -> Any:
@@ -310,15 +314,21 @@ def vae_objective(args: argparse.Namespace) -> ObjectiveConfig:
         raise ValueError(f"--beta must be >= 0, got {args.beta}")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.estimator == "score" and args.objective != "elbo":
+        raise ValueError("--estimator score works with --objective elbo; use reparam or stl with iwae")
+    if args.estimator == "score" and args.num_samples < 2:
+        raise ValueError(f"--estimator score needs -K 2 or more (its baseline leaves one sample out), got "
+                         f"{args.num_samples}")
     return ObjectiveConfig(objective=args.objective, num_samples=args.num_samples, analytic_kl=args.analytic_kl,
-                           beta=args.beta, warmup_steps=args.warmup_steps)
+                           beta=args.beta, warmup_steps=args.warmup_steps, estimator=args.estimator)
 
 
 def vae_losses(model: Any, obj: ObjectiveConfig) -> tuple[Callable, Callable]:
     from dlvm_jax.objectives import make_loss
 
     train_loss = make_loss(model, objective=obj.objective, num_samples=obj.num_samples,
-                           analytic_kl=obj.analytic_kl, beta=obj.beta, warmup_steps=obj.warmup_steps)
+                           analytic_kl=obj.analytic_kl, beta=obj.beta, warmup_steps=obj.warmup_steps,
+                           estimator=obj.estimator)
     # Test numbers are always the plain ELBO (beta = 1, analytic KL, one sample), whatever the training objective.
     return train_loss, make_loss(model, objective="elbo", num_samples=1, analytic_kl=True)
 

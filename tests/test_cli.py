@@ -142,6 +142,29 @@ def test_num_samples_below_one(argv: list[str], tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("estimator", ["stl", "score"])
+def test_gradient_estimator_option_trains_and_is_recorded(estimator: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / estimator
+    code = cli.main(["train", "vae", "--data", "spiral", "--epochs", "4", "--eval-every", "4", "-K", "4",
+                     "--estimator", estimator, "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["objective"]["estimator"] == estimator
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_test_elbo"] > summary["initial_test_elbo"]  # both estimators climb the ELBO
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--estimator", "score", "-K", "1"], "-K 2 or more"),
+    (["--estimator", "score", "--objective", "iwae", "-K", "5"], "--objective elbo"),
+])
+def test_score_estimator_needs_elbo_and_two_samples(argv: list[str], needle: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["train", "vae", "--data", "spiral", "--run-dir", str(tmp_path / "r"), *argv])
+    _assert_one_line_error(code, capsys, needle)
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluate_k_below_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _assert_one_line_error(cli.main(["evaluate", str(tmp_path), "-K", "0"]), capsys, ">= 1")
 
