@@ -146,10 +146,13 @@ def test_fit_same_on_1_and_8_devices(report):
 
 
 def test_importance_sampling_same_on_1_and_8_devices(report):
-    """Per-example keys come from the global batch: the estimates agree to float32 rounding."""
+    """Per-example keys come from the global batch: the estimates agree to float32 rounding. Each log p(x) is a
+    logsumexp of log-weights of magnitude ~10-100 (sums over 64 pixels), whose float32 rounding is ~1e-5 absolute;
+    XLA partitions the 8-device program's matmuls differently (2 rows per device instead of 16), so the order of
+    the sums differs (measured: up to 2.9e-6 absolute on 4 of 45 values, identical on the rest)."""
     for field, values in report["is_1"].items():
         assert len(values) == 45
-        np.testing.assert_allclose(report["is_8"][field], values, rtol=1e-6, atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(report["is_8"][field], values, rtol=1e-5, atol=1e-5, err_msg=field)
 
 
 # ------------------------------------------------------------------------------------------------------------
