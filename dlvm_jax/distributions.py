@@ -27,6 +27,23 @@ LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "continuous_bernoulli")
 MIN_SCALE = 1e-3
 
 
+@jax.custom_jvp
+def softplus(x: Array) -> Array:
+    """log(1 + e^x) as max(x, 0) + log1p(e^{-|x|}): exact and stable for every x, with gradient sigmoid(x)
+    (defined explicitly: the max and |x| forms alone would give 0 instead of 1/2 at x = 0).
+
+    The same function as ``jax.nn.softplus`` (``logaddexp(x, 0)``), which XLA's CPU backend runs about 2x slower
+    inside the per-pixel likelihood sums (measured here: 10,000 decoded MNIST samples' Bernoulli log-likelihood,
+    decoder matmuls included, 41 ms this way against 74 ms)."""
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return softplus(x), jax.nn.sigmoid(x) * t
+
+
 def positive_scale(raw: Array, min_scale: float = MIN_SCALE) -> Array:
     """Map an unconstrained network output to a standard deviation: ``softplus(raw) + min_scale``."""
     return jax.nn.softplus(raw) + min_scale
@@ -82,7 +99,8 @@ class Bernoulli(distrax.Bernoulli):
     and log sigmoid(-l) = -softplus(l)), for x in {0, 1} and for grey levels x in [0, 1] alike, but with one softplus
     per pixel instead of two and without the ``multiply_no_nan`` guards (logits are finite). On the 784-pixel
     decoders this is the most expensive elementwise work of a step: measured by ``benchmarks/profile_is.py``, the
-    decoder and log p(x | z) of 10,000 samples take 26 ms this way against 69 ms through distrax's ``log_prob``.
+    decoder and log p(x | z) of 10,000 samples take 26-33 ms this way against 69-80 ms through distrax's
+    ``log_prob``.
     """
 
     def __init__(self, logits: Array):
@@ -90,7 +108,7 @@ class Bernoulli(distrax.Bernoulli):
 
     def log_prob(self, value: Array) -> Array:
         logits = self.logits
-        return value * logits - jax.nn.softplus(logits)
+        return value * logits - softplus(logits)
 
     def __getitem__(self, index) -> "Bernoulli":
         return Bernoulli(self.logits[index])
@@ -167,7 +185,7 @@ class ContinuousBernoulli(distrax.Distribution):
 
     def log_prob(self, value: Array) -> Array:
         eta = self._logits
-        return value * eta - jax.nn.softplus(eta) + cb_log_normalizer(eta)
+        return value * eta - softplus(eta) + cb_log_normalizer(eta)
 
     def _icdf(self, u: Array) -> Array:
         eta = jnp.broadcast_to(self._logits, u.shape)

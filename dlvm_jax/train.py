@@ -305,8 +305,9 @@ def make_evaluator(loss_fn: LossFn, *, batch_size: int, mesh: Any = None) -> Cal
 
 
 def save_params(path: str | os.PathLike, params: Params) -> None:
-    """Write ``params`` as msgpack, atomically (a temporary file renamed into place)."""
+    """Write ``params`` as msgpack, atomically (a temporary file renamed into place); missing folders are made."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(flax.serialization.to_bytes(jax.tree.map(host_array, params)))
     os.replace(tmp, path)

@@ -400,6 +400,15 @@ def test_bernoulli_likelihood_matches_scipy():
     np.testing.assert_allclose(mean, probs, rtol=1e-5, atol=1e-6)
 
 
+def test_softplus_equals_jax_softplus_with_sigmoid_gradient():
+    x = np.concatenate([[0.0, -0.0, 1e-8, -1e-8], np.linspace(-90, 90, 181), np.random.default_rng(2).standard_normal(100)]
+                       ).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(dists.softplus)(x), jax.jit(jax.nn.softplus)(x), rtol=1e-6, atol=1e-7)
+    grad = jax.jit(jax.vmap(jax.grad(dists.softplus)))(x)
+    np.testing.assert_allclose(grad, scipy.special.expit(x.astype(np.float64)), rtol=1e-6, atol=1e-7)
+    assert float(grad[0]) == 0.5  # at x = 0 exactly, where max(x, 0) and |x| alone would give 0
+
+
 def test_bernoulli_log_prob_equals_distrax_in_value_and_gradient():
     """The lean Bernoulli.log_prob (x l - softplus(l)) is distrax's Bernoulli.log_prob in value and gradient,
     for binary and grey-level x, across logits from -30 to 30 (float64 reference: scipy's log expit)."""
