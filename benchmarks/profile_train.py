@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_train [--samples 1] [--out benchmarks/results/profile_train.json]
 
-Times, best of 5 runs of 200 calls each: the library's jitted train step (``make_train_step``), the gradient of the
+Times (each call waits for its result), best of 5 runs of 200 calls each: the library's jitted train step (``make_train_step``), the gradient of the
 loss alone, the loss alone, the Adam update alone, and the bare network: the same six weight matrices without
 biases, activations, sampling or likelihood, forward and backward (the 18 matmuls of a step). The difference between
 the step and the bare matmuls is the cost of everything else; the compiled step's kernel count is recorded too
@@ -26,21 +26,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import flops  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, time_calls  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def best_ms(fn, calls: int = 200, repeats: int = 5) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            out = fn()
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / calls)
-    return 1e3 * best
+def best_ms(fn, calls: int = 200) -> float:
+    """Milliseconds per call of ``fn`` (which blocks until its result is ready), best of 5 repeats."""
+    fn()
+    return 1e3 * min(time_calls(fn, calls=calls))
 
 
 def kernel_count(compiled_text: str) -> dict[str, int]:
@@ -78,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_step():
         state[0], metrics = step(state[0], x)
-        return metrics
+        return jax.block_until_ready(metrics)
 
     loss_only = jax.jit(lambda p: loss_fn(p, x, key, step0)[0])
     grad_only = jax.jit(jax.grad(lambda p: loss_fn(p, x, key, step0)[0]))
@@ -98,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     bare_grad = jax.jit(jax.grad(bare))
     rows = {
         "train step (library)": best_ms(run_step),
-        "gradient of the loss": best_ms(lambda: grad_only(params)),
-        "loss alone": best_ms(lambda: loss_only(params)),
-        "Adam update alone": best_ms(lambda: update(grads, opt_state, params)),
-        "bare network, forward + backward (18 matmuls)": best_ms(lambda: bare_grad(weights, x)),
+        "gradient of the loss": best_ms(lambda: jax.block_until_ready(grad_only(params))),
+        "loss alone": best_ms(lambda: jax.block_until_ready(loss_only(params))),
+        "Adam update alone": best_ms(lambda: jax.block_until_ready(update(grads, opt_state, params))),
+        "bare network, forward + backward (18 matmuls)": best_ms(lambda: jax.block_until_ready(bare_grad(weights, x))),
     }
     gflop = flops.train_step_flops("mlp_vae", batch, m) / 1e9
     out = {"machine": machine(), "batch": batch, "num_samples": m, "gflop_per_step": gflop,

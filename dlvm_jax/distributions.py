@@ -46,7 +46,7 @@ def _softplus_jvp(primals, tangents):
 
 def positive_scale(raw: Array, min_scale: float = MIN_SCALE) -> Array:
     """Map an unconstrained network output to a standard deviation: ``softplus(raw) + min_scale``."""
-    return jax.nn.softplus(raw) + min_scale
+    return softplus(raw) + min_scale
 
 
 def diag_gaussian(loc: Array, scale: Array) -> distrax.MultivariateNormalDiag:
