@@ -1,11 +1,15 @@
 """GMVAE clustering of MNIST (MLP networks), scored by Hungarian accuracy, the paper's many-to-one accuracy and NMI.
 
     python experiments/mnist_gmvae.py --data-dir DIR [--clusters 10,16] [--seeds 3] [--epochs 100]
+        [--checkpoint-dir DIR [--resume]] [--baselines] [--no-gmvae]
 
 Paper setting (Dilokthanakul et al. 2016, code defaults): l (the paper's x) 200-D, w 150-D, hidden 1000, batch 50,
 Adam 1e-4, 100 epochs; Bernoulli likelihood on the [0, 1] grey levels. Clustering is scored on the 10,000 test
 images (the model never sees their labels). Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
-Writes experiments/results/mnist_gmvae.json (per K and seed: accuracy_hungarian, accuracy_many_to_one, nmi).
+Writes experiments/results/mnist_gmvae.json (per K and seed: accuracy_hungarian, accuracy_many_to_one, nmi) after
+every run. The full setting is ~3 hours per run on 2 CPU cores: with ``--checkpoint-dir`` each run checkpoints at
+every evaluation (orbax), and ``--resume`` keeps the runs already in the JSON and continues an interrupted one from
+its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -52,44 +56,68 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--free-bits", type=float, default=0.5)
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--baselines", action="store_true", help="also k-means and a Gaussian mixture on raw pixels")
+    ap.add_argument("--no-gmvae", dest="gmvae", action="store_false", help="skip the GMVAE runs (baselines only)")
+    ap.add_argument("--checkpoint-dir", default=None, help="checkpoint each run here (DIR/K<k>_seed<s>)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in --out and resume unfinished ones from --checkpoint-dir")
+    ap.add_argument("--max-train", type=int, default=None, help="keep the first N training images (smoke tests)")
+    ap.add_argument("--max-test", type=int, default=None, help="keep the first N test images (smoke tests)")
     ap.add_argument("--out", default=str(RESULTS / "mnist_gmvae.json"))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     ds = data.mnist(args.data_dir)
-    results: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "progress")},
-                     "paper_many_to_one_percent": PAPER, "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    x_train, x_test, y_test = ds.x_train[: args.max_train], ds.x_test[: args.max_test], ds.y_test[: args.max_test]
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("data_dir", "out", "progress", "checkpoint_dir", "resume", "gmvae", "baselines")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"config": config, "paper_many_to_one_percent": PAPER, "date": time.strftime("%Y-%m-%d"),
+                     "runs": {}}
+    if out.exists() and (args.resume or not args.gmvae):  # keep what is there (--no-gmvae adds baselines only)
+        previous = json.loads(out.read_text())
+        def setting(c: dict) -> dict:  # what the runs depend on (not which K and seeds there are)
+            return {k: v for k, v in c.items() if k not in ("clusters", "seeds")}
+
+        if args.gmvae and setting(previous.get("config", {})) != setting(config):
+            raise SystemExit(f"--resume: {out} was written with a different setting ({previous.get('config')}); "
+                             "use another --out or the same options")
+        results = {**previous, "date": time.strftime("%Y-%m-%d")}
+        if args.gmvae:
+            results["config"] = config
     for k in (int(c) for c in args.clusters.split(",")):
         model = GMVAE(GMVAEConfig(data_shape=(784,), clusters=k, local_dim=args.local_dim, global_dim=args.global_dim,
                                   hidden=(args.hidden,), prior_hidden=(args.hidden,), activation="relu",
                                   likelihood="bernoulli"))
         loss_fn = make_gmvae_loss(model, num_samples=args.num_samples, free_bits=args.free_bits)
-        runs = []
-        for seed in range(args.seeds):
+        runs = [r for r in results["runs"].get(str(k), []) if r["seed"] < args.seeds]
+        for seed in range(args.seeds) if args.gmvae else ():
+            if any(r["seed"] == seed for r in runs):
+                print(f"K={k} seed {seed}: already in {out}, kept", flush=True)
+                continue
             t = time.perf_counter()
+            ckpt = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / f"K{k}_seed{seed}"
             state, history, sel = fit_restarts(
-                model, ds.x_train, init_fn=model.init, loss_fn=loss_fn, optimizer=optax.adam(args.lr),
+                model, x_train, init_fn=model.init, loss_fn=loss_fn, optimizer=optax.adam(args.lr),
                 key=jax.random.key(seed), restarts=args.restarts, batch_size=args.batch_size, epochs=args.epochs,
-                eval_every=max(1, args.epochs // 5), test_data=ds.x_test[:2000],
-                eval_loss_fn=make_gmvae_loss(model, free_bits=0.0), progress=args.progress)
-            pred = np.asarray(jax.jit(model.predict)(state.params, ds.x_test))
-            rec = {"seed": seed, **scores(ds.y_test, pred), "clusters_used": int(np.unique(pred).size),
+                eval_every=max(1, args.epochs // 5), test_data=x_test[:2000],
+                eval_loss_fn=make_gmvae_loss(model, free_bits=0.0), progress=args.progress,
+                checkpoint_dir=ckpt, resume=args.resume and ckpt is not None and ckpt.exists())
+            pred = np.asarray(jax.jit(model.predict)(state.params, x_test))
+            rec = {"seed": seed, **scores(y_test, pred), "clusters_used": int(np.unique(pred).size),
                    "seconds": round(time.perf_counter() - t, 1), "epochs": history[-1]["epoch"],
                    "final": {kk: v for kk, v in history[-1].items() if kk.startswith(("train_", "test_"))}}
-            runs.append(rec)
+            runs = sorted(runs + [rec], key=lambda r: r["seed"])
             print(f"K={k} seed {seed}: many-to-one {rec['accuracy_many_to_one']:.4f}, Hungarian "
                   f"{rec['accuracy_hungarian']:.4f}, NMI {rec['nmi']:.4f}, {rec['clusters_used']} clusters used, "
                   f"{rec['seconds']:.0f} s", flush=True)
             results["runs"][str(k)] = runs
             out.write_text(json.dumps(results, indent=1))
         if args.baselines:
-            x = ds.x_test
             base = {}
             for name, make in (("kmeans", lambda s: KMeans(k, random_state=s, n_init=1)),
                                ("gaussian_mixture", lambda s: GaussianMixture(k, covariance_type="diag",
                                                                               random_state=s))):
-                base[name] = [scores(ds.y_test, make(s).fit(ds.x_train).predict(x)) for s in range(args.seeds)]
+                base[name] = [scores(y_test, make(s).fit(x_train).predict(x_test)) for s in range(args.seeds)]
                 print(f"K={k} {name}: many-to-one {np.mean([b['accuracy_many_to_one'] for b in base[name]]):.4f}",
                       flush=True)
             results.setdefault("baselines", {})[str(k)] = base

@@ -137,3 +137,29 @@ def test_iwae_table_tiny_run(tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="bad row"):
         script.main(["--data-dir", root, "--rows", "iwae5", "--out", str(out)])
+
+
+def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
+    """The GMVAE clustering script on 300 images: writes a record per run, --resume keeps finished runs and adds
+    the missing seeds, --no-gmvae --baselines adds the raw-pixel baselines without touching the runs."""
+    root = _mnist_dir()
+    out, ckpt = tmp_path / "mnist_gmvae.json", tmp_path / "ckpt"
+    script = _load("mnist_gmvae")
+    common = ["--data-dir", root, "--clusters", "3", "--epochs", "2", "--batch-size", "100", "--hidden", "16",
+              "--local-dim", "4", "--global-dim", "3", "--max-train", "300", "--max-test", "200", "--no-progress",
+              "--out", str(out), "--checkpoint-dir", str(ckpt)]
+    assert script.main(common + ["--seeds", "1"]) == 0
+    first = json.loads(out.read_text())["runs"]["3"]
+    assert [r["seed"] for r in first] == [0] and first[0]["epochs"] == 2
+    assert 1 <= first[0]["clusters_used"] <= 3 and 0.0 <= first[0]["nmi"] <= 1.0
+    assert first[0]["accuracy_many_to_one"] >= first[0]["accuracy_hungarian"] - 1e-9  # many-to-one is the looser
+    assert (ckpt / "K3_seed0").is_dir()
+    assert script.main(common + ["--seeds", "2", "--resume"]) == 0
+    second = json.loads(out.read_text())["runs"]["3"]
+    assert [r["seed"] for r in second] == [0, 1] and second[0] == first[0]  # seed 0 kept as it was
+    assert script.main(common + ["--seeds", "2", "--no-gmvae", "--baselines"]) == 0
+    res = json.loads(out.read_text())
+    assert res["runs"]["3"] == second and set(res["baselines"]["3"]) == {"kmeans", "gaussian_mixture"}
+    assert len(res["baselines"]["3"]["kmeans"]) == 2
+    with pytest.raises(SystemExit, match="different setting"):
+        script.main(common + ["--seeds", "2", "--resume", "--epochs", "3"])
