@@ -6,6 +6,7 @@ written per example and lifted with ``jax.vmap``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -31,6 +32,36 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+#: Dense layers with at most this many inputs multiply-add instead of calling a matmul (see :func:`few_inputs_dot`).
+FEW_INPUTS = 8
+
+
+def few_inputs_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                   preferred_element_type=None) -> jax.Array:
+    """``lhs @ rhs`` of a Dense layer (contract the last axis of ``lhs`` with the first of ``rhs``) written as
+    ``sum_i lhs[..., i, None] * rhs[i]``: the ``dot_general`` of :class:`MLP` layers with at most
+    :data:`FEW_INPUTS` inputs.
+
+    A matmul with 2 to 8 inputs per row does almost no arithmetic per byte, and XLA's CPU backend runs it as a
+    library call that cannot fuse with the bias and activation after it; as multiply-adds the layer becomes one
+    fused elementwise kernel. Measured here on 10,000 rows and 100 outputs followed by tanh: 1.9 ms against 0.58 ms
+    with 2 inputs, 1.7 against 0.87 with 4, 1.9 against 1.1 with 8, even at 16. The same numbers up to float
+    rounding order."""
+    del precision, preferred_element_type
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch or rhs_batch or rhs.ndim != 2:
+        raise ValueError(f"few_inputs_dot handles a Dense layer's contraction only, got {dimension_numbers}")
+    return functools.reduce(jnp.add, [lhs[..., i, None] * rhs[i] for i in range(rhs.shape[0])])
+
+
+def dense(features: int, num_inputs: int, **kwargs) -> nn.Dense:
+    """``nn.Dense(features)``, with :func:`few_inputs_dot` when it has at most :data:`FEW_INPUTS` inputs (same
+    parameters, same names)."""
+    if num_inputs <= FEW_INPUTS:
+        kwargs["dot_general"] = few_inputs_dot
+    return nn.Dense(features, **kwargs)
+
+
 class MLP(nn.Module):
     """Multi-layer perceptron: ``hidden`` widths with ``activation`` (and optional LayerNorm), then a linear
     layer of width ``out``. Inputs of any shape are flattened over their trailing ``in_ndims`` axes."""
@@ -48,11 +79,11 @@ class MLP(nn.Module):
         lead = x.shape[: x.ndim - self.in_ndims]
         h = x.reshape(lead + (-1,))
         for width in self.hidden:
-            h = nn.Dense(width)(h)
+            h = dense(width, h.shape[-1])(h)
             if self.layer_norm:
                 h = nn.LayerNorm()(h)
             h = act(h)
-        return nn.Dense(self.out, bias_init=self.out_bias_init)(h)
+        return dense(self.out, h.shape[-1], bias_init=self.out_bias_init)(h)
 
 
 def _check_image(x: jax.Array, name: str) -> None:
@@ -132,7 +163,7 @@ class ConvDecoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         act = get_activation(self.activation)
         lead = z.shape[:-1]
-        h = act(nn.Dense(14 * 14 * 64)(z.reshape((-1, z.shape[-1]))))
+        h = act(dense(14 * 14 * 64, z.shape[-1])(z.reshape((-1, z.shape[-1]))))
         h = h.reshape((-1, 14, 14, 64))
         h = act(ConvTranspose2x(32, name="ConvTranspose_0")(h))
         h = nn.Conv(self.channels_out, (3, 3), padding="SAME")(h)  # (n, 28, 28, C)

@@ -48,10 +48,11 @@ def elbo_terms(
     model: Any, params: Params, x: jax.Array, key: jax.Array, *, num_samples: int = 1, analytic_kl: bool = True,
     stop_q_grad: bool = False,
 ) -> Metrics:
-    """Per-example ELBO pieces: ``rec`` = E_q log p(x|z), ``kl`` = KL(q||p) (analytic or MC), ``elbo`` = rec - kl."""
+    """Per-example ELBO pieces: ``rec`` = E_q log p(x|z), ``kl`` = KL(q||p) (analytic or MC), ``elbo`` = rec - kl.
+    ``key``: a PRNG key, or the standard-normal noise of the samples (see :func:`dlvm_jax.distributions.sample`)."""
     q = model.encode(params, x)
     prior = model.prior(params)
-    z = q.sample(seed=key, sample_shape=num_samples)
+    z = dists.sample(q, key, num_samples)
     rec = jnp.mean(model.decode(params, z).log_prob(x))
     if analytic_kl:
         kl = dists.kl_divergence(q, prior)
@@ -92,7 +93,7 @@ def score_function_elbo(model: Any, params: Params, x: jax.Array, key: jax.Array
         raise ValueError("the score-function estimator's leave-one-out baseline needs num_samples >= 2, "
                          f"got {num_samples}")
     q = model.encode(params, x)
-    z = jax.lax.stop_gradient(q.sample(seed=key, sample_shape=num_samples))
+    z = jax.lax.stop_gradient(dists.sample(q, key, num_samples))
     log_q = q.log_prob(z)
     log_q_const = jax.lax.stop_gradient(log_q)
     rec = model.decode(params, z).log_prob(x)
@@ -125,7 +126,9 @@ def make_loss(
 
     ``objective`` is ``"elbo"`` or ``"iwae"``; ``estimator`` ``"stl"`` drops the score term of log q (Roeder et al.
     2017; with the MC-KL ELBO or IWAE); ``"score"`` is the score-function estimator with a leave-one-out baseline
-    (:func:`score_function_elbo`; the MC-KL ELBO, ``num_samples >= 2``). ``metrics`` always holds ``loss`` and ``elbo`` (or ``iwae``) batch means.
+    (:func:`score_function_elbo`; the MC-KL ELBO, ``num_samples >= 2``). The samples come from the batch's standard-normal noise, drawn at
+    once, ``normal(key, (B, num_samples, latent_dim))``: example i gets its slice in place of a key (see
+    :func:`dlvm_jax.distributions.sample`; q must be Gaussian). ``metrics`` always holds ``loss`` and ``elbo`` (or ``iwae``) batch means.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -156,7 +159,10 @@ def make_loss(
 
     def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
         weight = kl_weight(step, beta=beta, warmup_steps=warmup_steps)
-        keys = jax.random.split(key, batch.shape[0])
+        # The whole batch's standard-normal noise in one draw, handed to each example in place of a key: one
+        # random-number kernel per step instead of a key split and a batched draw (about 10% of an MLP VAE step at
+        # batch 100 on 2 CPU cores, where every kernel's fixed cost counts).
+        keys = jax.random.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
         values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, keys, weight)
         loss = -jnp.mean(values)
         metrics = {k: jnp.mean(v) for k, v in terms.items()}

@@ -403,7 +403,10 @@ def test_bernoulli_likelihood_matches_scipy():
 def test_softplus_equals_jax_softplus_with_sigmoid_gradient():
     x = np.concatenate([[0.0, -0.0, 1e-8, -1e-8], np.linspace(-90, 90, 181), np.random.default_rng(2).standard_normal(100)]
                        ).astype(np.float32)
-    np.testing.assert_allclose(jax.jit(dists.softplus)(x), jax.jit(jax.nn.softplus)(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.jit(dists.softplus)(x), jax.jit(jax.nn.softplus)(x), rtol=1e-6, atol=1.2e-7)
+    dense = np.linspace(-40, 40, 200001).astype(np.float32)  # against float64: within 1.2e-7 everywhere
+    np.testing.assert_allclose(jax.jit(dists.softplus)(dense), np.logaddexp(0.0, dense.astype(np.float64)),
+                               rtol=1e-6, atol=1.2e-7)
     grad = jax.jit(jax.vmap(jax.grad(dists.softplus)))(x)
     np.testing.assert_allclose(grad, scipy.special.expit(x.astype(np.float64)), rtol=1e-6, atol=1e-7)
     assert float(grad[0]) == 0.5  # at x = 0 exactly, where max(x, 0) and |x| alone would give 0
@@ -472,3 +475,64 @@ def test_likelihood_helpers_and_errors(assert_one_line):
     with pytest.raises(ValueError, match="unknown likelihood 'poisson'; choose one of") as err:
         dists.likelihood_dist("poisson", jnp.zeros((4,)), (4,))
     assert_one_line(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Short-axis reductions and the closed-form diagonal Gaussian
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 50])
+def test_sum_last_and_logsumexp_last_match_jax(n):
+    x = np.random.default_rng(n).standard_normal((3, 4, n)).astype(np.float32) * 5
+    np.testing.assert_allclose(np.asarray(dists.sum_last(x)), x.sum(-1), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dists.logsumexp_last(x)), scipy.special.logsumexp(x, axis=-1),
+                               rtol=1e-6, atol=1e-5)
+    # gradients: d/dx sum = 1, d/dx logsumexp = softmax
+    g = jax.grad(lambda a: jnp.sum(dists.logsumexp_last(a) * jnp.arange(1.0, 5.0)[None, :]))(jnp.asarray(x))
+    expected = scipy.special.softmax(x.astype(np.float64), axis=-1) * np.arange(1.0, 5.0)[None, :, None]
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logsumexp_last_infinities():
+    x = jnp.asarray([[-jnp.inf, -jnp.inf, -jnp.inf], [0.0, -jnp.inf, 1.0], [jnp.inf, 0.0, 1.0], [1e30, 1e30, 0.0]])
+    out = np.asarray(dists.logsumexp_last(x))
+    assert out[0] == -np.inf
+    np.testing.assert_allclose(out[1], np.log(1 + np.e), rtol=1e-6)
+    assert out[2] == np.inf
+    np.testing.assert_allclose(out[3], 1e30 + np.log(2.0), rtol=1e-6)  # no overflow
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 20])
+def test_diag_gaussian_log_prob_matches_distrax_and_scipy(dim):
+    loc, scale = _random_diag(dim, (6, 3, dim))
+    x = np.random.default_rng(100 + dim).standard_normal((6, 1, dim)).astype(np.float32)  # broadcasts over axis 1
+    ours = dists.diag_gaussian(jnp.asarray(loc), jnp.asarray(scale))
+    assert isinstance(ours, distrax.MultivariateNormalDiag)
+    ref = scipy.stats.norm(loc.astype(np.float64), scale.astype(np.float64)).logpdf(x.astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(np.asarray(ours.log_prob(x)), ref, rtol=1e-5, atol=1e-4)
+    theirs = distrax.MultivariateNormalDiag(jnp.asarray(loc), jnp.asarray(scale))
+    np.testing.assert_allclose(np.asarray(ours.log_prob(x)), np.asarray(theirs.log_prob(x)), rtol=1e-5, atol=1e-4)
+    # gradients in loc, scale and x agree with distrax's log_prob
+    f = lambda m, s, v, cls: jnp.sum(cls(m, s).log_prob(v))  # noqa: E731
+    ga = jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(loc), jnp.asarray(scale), jnp.asarray(x), dists.MultivariateNormalDiag)
+    gb = jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(loc), jnp.asarray(scale), jnp.asarray(x),
+                                        distrax.MultivariateNormalDiag)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # indexing keeps the class (and its log_prob)
+    sub = ours[2]
+    assert isinstance(sub, dists.MultivariateNormalDiag) and sub.batch_shape == (3,)
+    np.testing.assert_allclose(np.asarray(sub.log_prob(x[2])), ref[2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("data_shape", [(2,), (28, 28, 1)])
+def test_independent_log_prob_sums_the_event_like_distrax(data_shape):
+    rng = np.random.default_rng(7)
+    raw = rng.standard_normal((4, 2 * math.prod(data_shape))).astype(np.float32)
+    x = rng.standard_normal((4,) + data_shape).astype(np.float32)
+    ours = dists.likelihood_dist("gaussian", jnp.asarray(raw), data_shape)
+    assert isinstance(ours, dists.Independent) and ours.event_shape == data_shape
+    theirs = distrax.Independent(ours.distribution, reinterpreted_batch_ndims=len(data_shape))
+    np.testing.assert_allclose(np.asarray(ours.log_prob(x)), np.asarray(theirs.log_prob(x)), rtol=1e-5, atol=1e-3)
+    assert isinstance(ours[1:3], dists.Independent) and ours[1:3].batch_shape == (2,)

@@ -221,3 +221,30 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(size):
     g_want, g_got = jax.grad(loss(reference))(params), jax.grad(loss(ours))(params)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_inputs", [1, 2, 8, 9])
+def test_few_inputs_dense_equals_matmul(num_inputs):
+    """Dense layers with few inputs multiply-add instead of calling a matmul: same parameters, same outputs and
+    gradients as flax's own nn.Dense."""
+    mlp = networks.MLP((16,), 3)
+    x = jnp.asarray(np.random.default_rng(num_inputs).standard_normal((5, 7, num_inputs)), jnp.float32)
+    params = mlp.init(jax.random.key(0), x)
+    ref = networks.nn.Dense(16)  # same names and shapes: Dense_0 (num_inputs, 16), Dense_1 (16, 3)
+    assert params["params"]["Dense_0"]["kernel"].shape == (num_inputs, 16)
+    chex.assert_trees_all_equal_shapes(params, {"params": {"Dense_0": ref.init(jax.random.key(1), x)["params"],
+                                                           "Dense_1": networks.nn.Dense(3).init(
+                                                               jax.random.key(1), jnp.zeros((16,)))["params"]}})
+    w0, w1 = params["params"]["Dense_0"], params["params"]["Dense_1"]
+
+    def plain(p, x):
+        h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+    np.testing.assert_allclose(np.asarray(mlp.apply(params, x)), np.asarray(plain({"Dense_0": w0, "Dense_1": w1}, x)),
+                               rtol=1e-5, atol=1e-5)
+    ga = jax.grad(lambda p: jnp.sum(jnp.sin(mlp.apply(p, x))))(params)["params"]
+    gb = jax.grad(lambda p: jnp.sum(jnp.sin(plain(p, x))))(params["params"])
+    chex.assert_trees_all_close(ga, gb, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Dense layer's contraction"):
+        networks.few_inputs_dot(x, w0["kernel"], (((0,), (0,)), ((), ())))

@@ -48,9 +48,8 @@ def to_torch_images(x: np.ndarray, network: str) -> torch.Tensor:
 
 
 def sample_noise(key: jax.Array, batch: int, num_samples: int, dim: int) -> torch.Tensor:
-    """The eps behind ``q.sample(seed=k_i, sample_shape=M)`` with ``k_i = split(key, batch)[i]`` (the keys of
-    ``make_loss``), as a torch tensor (M, B, D)."""
-    eps = jax.vmap(lambda k: jax.random.normal(k, (num_samples, dim)))(jax.random.split(key, batch))
+    """The eps of ``make_loss``'s reparameterised samples, ``normal(key, (B, M, D))``, as a torch tensor (M, B, D)."""
+    eps = jax.random.normal(key, (batch, num_samples, dim))
     return torch.from_numpy(np.array(np.asarray(eps).transpose(1, 0, 2)))
 
 
@@ -119,7 +118,8 @@ VAE_SETTINGS = (("elbo", 1), ("elbo", 3), ("iwae", 5))
 
 def jax_vae_values(model, settings):
     """Jitted ``f(params, x, key)``: per setting, the per-example objective (the functions ``make_loss`` calls,
-    with its per-example keys ``split(key, B)``) and ``value_and_grad`` of ``make_loss``'s batch loss."""
+    with its noise ``normal(key, (B, M, D))`` in place of keys) and ``value_and_grad`` of ``make_loss``'s batch
+    loss."""
 
     def one(objective, num_samples):
         if objective == "iwae":
@@ -129,8 +129,8 @@ def jax_vae_values(model, settings):
     def f(params, x, key):
         out = []
         for objective, num_samples in settings:
-            per_example = jax.vmap(one(objective, num_samples), in_axes=(None, 0, 0))(
-                params, x, jax.random.split(key, x.shape[0]))
+            noise = jax.random.normal(key, (x.shape[0], num_samples, model.config.latent_dim))
+            per_example = jax.vmap(one(objective, num_samples), in_axes=(None, 0, 0))(params, x, noise)
             loss_fn = objectives.make_loss(model, objective=objective, num_samples=num_samples)
             loss, grads = jax.value_and_grad(lambda p: loss_fn(p, x, key, jnp.asarray(0))[0])(params)
             out.append((per_example, loss, grads))

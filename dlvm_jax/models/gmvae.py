@@ -139,12 +139,12 @@ class GMVAE:
         rec = jnp.mean(self.decode(params, l).log_prob(x))
         loc, scale = self.conditional_prior(params, w)  # (M, K, Dl)
         log_joint = self.log_pi() + dists.diag_gaussian(loc, scale).log_prob(l[:, None, :])  # (M, K)
-        post = jax.nn.softmax(log_joint, axis=-1)
-        log_post = jax.nn.log_softmax(log_joint, axis=-1)
+        log_post = log_joint - dists.logsumexp_last(log_joint)[..., None]  # log softmax over the K clusters
+        post = jnp.exp(log_post)
         kl_l = dists.kl_diag_gaussians(q_l.loc, q_l.scale_diag, loc, scale)  # (M, K)
-        cond_prior = jnp.mean(jnp.sum(post * kl_l, axis=-1))
+        cond_prior = jnp.mean(dists.sum_last(post * kl_l))
         w_prior = dists.kl_divergence(q_w, self.prior_w(params))
-        z_prior = jnp.mean(jnp.sum(post * (log_post - self.log_pi()), axis=-1))
+        z_prior = jnp.mean(dists.sum_last(post * (log_post - self.log_pi())))
         return {"rec": rec, "cond_prior": cond_prior, "w_prior": w_prior, "z_prior": z_prior,
                 "elbo": rec - cond_prior - w_prior - z_prior}
 
@@ -157,7 +157,7 @@ class GMVAE:
         l = q_l.sample(seed=k_l, sample_shape=num_samples)
         if stop_q_grad:
             q_w, q_l = self.encode(jax.lax.stop_gradient(params), x)
-        log_p_l = jax.nn.logsumexp(self.component_log_probs(params, l, w), axis=-1)
+        log_p_l = dists.logsumexp_last(self.component_log_probs(params, l, w))
         log_p = self.decode(params, l).log_prob(x) + log_p_l + self.prior_w(params).log_prob(w)
         return log_p - q_w.log_prob(w) - q_l.log_prob(l)
 

@@ -70,7 +70,7 @@ class LinearGaussian:
         self, params: Params, x: jax.Array, key: jax.Array, num_samples: int, *, stop_q_grad: bool = False
     ) -> jax.Array:
         q = self.encode(params, x)
-        z = q.sample(seed=key, sample_shape=num_samples)
+        z = dists.sample(q, key, num_samples)  # key: a PRNG key or the noise itself
         log_q = self.encode(jax.lax.stop_gradient(params), x).log_prob(z) if stop_q_grad else q.log_prob(z)
         return self.decode(params, z).log_prob(x) + self.prior(params).log_prob(z) - log_q
 

@@ -110,9 +110,11 @@ class VAE:
     ) -> jax.Array:
         """log w_m = log p(x | z_m) + log p(z_m) - log q(z_m | x), z_m ~ q(z | x); shape (num_samples,).
 
-        ``stop_q_grad`` evaluates log q with its parameters held constant (the sticking-the-landing estimator)."""
+        ``stop_q_grad`` evaluates log q with its parameters held constant (the sticking-the-landing estimator).
+        ``key`` may also be the standard-normal noise, shape (num_samples, latent_dim) (see
+        :func:`dlvm_jax.distributions.sample`)."""
         q = self.encode(params, x)
-        z = q.sample(seed=key, sample_shape=num_samples)
+        z = dists.sample(q, key, num_samples)
         log_q = self.encode(jax.lax.stop_gradient(params), x).log_prob(z) if stop_q_grad else q.log_prob(z)
         return self.decode(params, z).log_prob(x) + self.prior(params).log_prob(z) - log_q
 
