@@ -28,16 +28,17 @@ LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "continuous_bernoulli")
 MIN_SCALE = 1e-3
 
 #: Reductions over a last axis at most this long are written as a chain of elementwise ops (see :func:`sum_last`).
-SMALL_AXIS = 8
+SMALL_AXIS = 5
 
 
 def sum_last(x: Array) -> Array:
     """Sum over the last axis; for an axis of at most :data:`SMALL_AXIS` entries, as ``x[..., 0] + x[..., 1] + ...``.
 
     The same numbers (up to float rounding order), but XLA's CPU backend runs a reduction over a very short last
-    axis (the 2-D latents and data of the spiral GMVAE) several times slower than the elementwise chain, which fuses
-    with the work that produced ``x``: measured here on 200,000 rows, 5.3 ms against 1.1 ms for 2 entries, 6.0 against
-    2.6 for 5, 6.7 against 5.3 for 8, and the reduction ahead from 16 entries on."""
+    axis (the 2-D latents and data of the spiral GMVAE, its 5 clusters) several times slower than the elementwise
+    chain, which fuses with the work that produced ``x``: ``python -m benchmarks.profile_small_ops`` measured, on
+    200,000 rows, 2.4 ms against 0.6 ms for 2 entries and 2.8 against 1.2 for 5, but the reduction ahead from 8
+    entries on."""
     n = x.shape[-1]
     if n == 0 or n > SMALL_AXIS:
         return jnp.sum(x, axis=-1)
@@ -61,12 +62,13 @@ def softplus(x: Array) -> Array:
     """log(1 + e^x) as max(x, 0) + log(1 + e^{-|x|}): stable for every x, with gradient sigmoid(x) (defined
     explicitly: the max and |x| forms alone would give 0 instead of 1/2 at x = 0).
 
-    The same function as ``jax.nn.softplus`` (``logaddexp(x, 0)``) to within 1.2e-7 absolute (the rounding of
-    1 + e^{-|x|}; ``log1p`` would be exact for x << 0, where softplus(x) ~ e^x is below 1e-7 anyway), and faster on
-    XLA's CPU backend, which runs ``log1p`` about 2x slower than ``log`` and ``jax.nn.softplus`` slower still inside
-    the per-pixel likelihood sums: measured here, 10,000 decoded MNIST samples' Bernoulli log-likelihood, decoder
-    matmuls included, took 41 ms with log1p against 74 ms with ``jax.nn.softplus``; on 10^6 values alone, softplus
-    takes 2.0-2.2 ms this way against 2.9-3.3 ms with log1p."""
+    The same function as ``jax.nn.softplus`` (``logaddexp(x, 0)``) to float32 rounding (the tests: relative 1e-6
+    plus 1.2e-7 absolute against float64; 1 + e^{-|x|} is rounded where ``log1p`` would not round it, which only
+    shows for x << 0, where softplus(x) ~ e^x is below 1e-7), and faster on XLA's CPU backend, which runs ``log1p``
+    slower than ``log``: on 10^6 values, 1.0-1.1 ms against 1.4-1.6 ms with ``log1p`` and 1.5-1.7 ms for
+    ``jax.nn.softplus`` (``python -m benchmarks.profile_small_ops``). Inside the per-pixel likelihood sums
+    ``jax.nn.softplus`` was slower still: 10,000 decoded MNIST samples' Bernoulli log-likelihood, decoder matmuls
+    included, took 74 ms with it against 41 ms with the ``log1p`` form (``benchmarks/profile_is.py``)."""
     return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
 
 

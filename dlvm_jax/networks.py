@@ -33,7 +33,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 #: Dense layers with at most this many inputs multiply-add instead of calling a matmul (see :func:`few_inputs_dot`).
-FEW_INPUTS = 8
+FEW_INPUTS = 2
 
 
 @jax.custom_vjp
@@ -61,11 +61,12 @@ def few_inputs_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=
     ``sum_i lhs[..., i, None] * rhs[i]`` in the forward pass (its gradient is the usual pair of matmuls): the
     ``dot_general`` of :class:`MLP` layers with at most :data:`FEW_INPUTS` inputs.
 
-    A matmul with 2 to 8 inputs per row does almost no arithmetic per byte, and XLA's CPU backend runs it as a
+    A matmul with a couple of inputs per row does almost no arithmetic per byte, and XLA's CPU backend runs it as a
     library call that cannot fuse with the bias and activation after it; as multiply-adds the layer becomes one
-    fused elementwise kernel. Measured here on 10,000 rows and 100 outputs followed by tanh: 1.9 ms against 0.58 ms
-    with 2 inputs, 1.7 against 0.87 with 4, 1.9 against 1.1 with 8, even at 16. The same numbers up to float
-    rounding order."""
+    fused elementwise kernel. ``python -m benchmarks.profile_small_ops`` (10,000 rows, 100 outputs, tanh): forward
+    1.0 ms against 0.6 ms with 2 inputs (1.8 against 0.6 with 4), while forward + backward are even at 2 inputs and
+    slower this way from 4 on, hence :data:`FEW_INPUTS` = 2 (the spiral GMVAE's 2-D data and latents, the 2-D latent
+    of the conv VAE). The same numbers up to float rounding order."""
     del precision, preferred_element_type
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch or rhs_batch or rhs.ndim != 2:

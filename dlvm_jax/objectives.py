@@ -160,8 +160,7 @@ def make_loss(
     def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
         weight = kl_weight(step, beta=beta, warmup_steps=warmup_steps)
         # The whole batch's standard-normal noise in one draw, handed to each example in place of a key: one
-        # random-number kernel per step instead of a key split and a batched draw (about 10% of an MLP VAE step at
-        # batch 100 on 2 CPU cores, where every kernel's fixed cost counts).
+        # random-number loop per step instead of a key split and a batched draw (benchmarks/profile_small_ops.py).
         keys = jax.random.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
         values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, keys, weight)
         loss = -jnp.mean(values)
