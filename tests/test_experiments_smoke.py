@@ -154,6 +154,7 @@ def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
     assert 1 <= first[0]["clusters_used"] <= 3 and 0.0 <= first[0]["nmi"] <= 1.0
     assert first[0]["accuracy_many_to_one"] >= first[0]["accuracy_hungarian"] - 1e-9  # many-to-one is the looser
     assert (ckpt / "K3_seed0").is_dir()
+    assert (tmp_path / "mnist_gmvae_K3_seed0_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert script.main(common + ["--seeds", "2", "--resume"]) == 0
     second = json.loads(out.read_text())["runs"]["3"]
     assert [r["seed"] for r in second] == [0, 1] and second[0] == first[0]  # seed 0 kept as it was
