@@ -51,10 +51,14 @@ def logsumexp_last(x: Array) -> Array:
     n = x.shape[-1]
     if n == 0 or n > SMALL_AXIS:
         return jax.nn.logsumexp(x, axis=-1)
-    cols = [x[..., i] for i in range(n)]
-    top = functools.reduce(jnp.maximum, cols)
+    top = functools.reduce(jnp.maximum, [x[..., i] for i in range(n)])
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-    return top + jnp.log(functools.reduce(jnp.add, [jnp.exp(c - top) for c in cols]))
+    return top + jnp.log(sum_last(jnp.exp(x - top[..., None])))
+
+
+def log_softmax_last(x: Array) -> Array:
+    """``jax.nn.log_softmax(x, axis=-1)`` through :func:`logsumexp_last`."""
+    return x - logsumexp_last(x)[..., None]
 
 
 @jax.custom_jvp

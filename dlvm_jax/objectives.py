@@ -161,8 +161,8 @@ def make_loss(
         weight = kl_weight(step, beta=beta, warmup_steps=warmup_steps)
         # The whole batch's standard-normal noise in one draw, handed to each example in place of a key: one
         # random-number loop per step instead of a key split and a batched draw (benchmarks/profile_small_ops.py).
-        keys = jax.random.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
-        values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, keys, weight)
+        noise = jax.random.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
+        values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, noise, weight)
         loss = -jnp.mean(values)
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
         metrics["loss"] = loss

@@ -42,6 +42,11 @@ def scores(y: np.ndarray, pred: np.ndarray) -> dict:
             "accuracy_many_to_one": metrics.many_to_one_accuracy(y, pred), "nmi": metrics.nmi(y, pred)}
 
 
+def run_setting(config: dict) -> dict:
+    """What a GMVAE run depends on: the config without the list of K and the number of seeds."""
+    return {k: v for k, v in config.items() if k not in ("clusters", "seeds")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
@@ -76,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                      "runs": {}}
     if out.exists() and (args.resume or not args.gmvae):  # keep what is there (--no-gmvae adds baselines only)
         previous = json.loads(out.read_text())
-        def setting(c: dict) -> dict:  # what the runs depend on (not which K and seeds there are)
-            return {k: v for k, v in c.items() if k not in ("clusters", "seeds")}
-
-        if args.gmvae and setting(previous.get("config", {})) != setting(config):
+        if args.gmvae and run_setting(previous.get("config", {})) != run_setting(config):
             raise SystemExit(f"--resume: {out} was written with a different setting ({previous.get('config')}); "
                              "use another --out or the same options")
         results = {**previous, "date": time.strftime("%Y-%m-%d")}

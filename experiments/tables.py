@@ -108,7 +108,7 @@ def mnist_gmvae_table(res: dict) -> str:
         if paper:
             lines.append(f"| {k} | GMVAE, Dilokthanakul et al. (M=1) | - | {paper['M=1']} | - | - |")
         for name, recs in (("GMVAE (ours, M=1)", res.get("runs", {}).get(k, [])),
-                           *((f"{b} on raw pixels" , v) for b, v in res.get("baselines", {}).get(k, {}).items())):
+                           *((f"{b} on raw pixels", v) for b, v in res.get("baselines", {}).get(k, {}).items())):
             if recs:
                 lines.append(f"| {k} | {name.replace('_', ' ')} | {len(recs)} | {stat(recs, 'accuracy_many_to_one')} | "
                              f"{stat(recs, 'accuracy_hungarian')} | {stat(recs, 'nmi', 1.0)} |")

@@ -127,7 +127,7 @@ class GMVAE:
 
     def cluster_posterior(self, params: Params, l: jax.Array, w: jax.Array) -> jax.Array:
         """p(z | l, w) in closed form (Bayes' rule over the K components); shape (..., K), sums to 1."""
-        return jax.nn.softmax(self.component_log_probs(params, l, w), axis=-1)
+        return jnp.exp(dists.log_softmax_last(self.component_log_probs(params, l, w)))
 
     # -- objective ------------------------------------------------------------------------------------------------
     def loss_terms(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int = 1) -> Metrics:
@@ -139,7 +139,7 @@ class GMVAE:
         rec = jnp.mean(self.decode(params, l).log_prob(x))
         loc, scale = self.conditional_prior(params, w)  # (M, K, Dl)
         log_joint = self.log_pi() + dists.diag_gaussian(loc, scale).log_prob(l[:, None, :])  # (M, K)
-        log_post = log_joint - dists.logsumexp_last(log_joint)[..., None]  # log softmax over the K clusters
+        log_post = dists.log_softmax_last(log_joint)  # log p(z | l, w) over the K clusters
         post = jnp.exp(log_post)
         kl_l = dists.kl_diag_gaussians(q_l.loc, q_l.scale_diag, loc, scale)  # (M, K)
         cond_prior = jnp.mean(dists.sum_last(post * kl_l))
