@@ -7,7 +7,7 @@ written per example and lifted with ``jax.vmap``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,28 +82,77 @@ def dense(features: int, num_inputs: int, **kwargs) -> nn.Dense:
     return nn.Dense(features, **kwargs)
 
 
+class BatchNorm(nn.Module):
+    """Batch normalisation with its statistics passed in, not kept as state: ``(h - mean) / sqrt(var + eps)``,
+    then a learned per-feature scale and shift.
+
+    With ``stats=None`` the mean and variance are those of ``h`` over all its leading axes (the batch, training
+    mode; gradients flow through them) and are recorded with ``sow`` in the ``"batch_stats"`` collection, so
+    ``apply(..., mutable=["batch_stats"])`` returns them. With ``stats={"mean": ..., "var": ...}`` (e.g. the
+    population statistics of the training set) it normalises a single example as well as a batch."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, h: jax.Array, stats: dict[str, jax.Array] | None = None) -> jax.Array:
+        if stats is None:
+            if h.ndim < 2:
+                raise ValueError("batch normalisation without statistics needs a batch (a leading axis); pass "
+                                 "the population statistics to normalise a single example")
+            axes = tuple(range(h.ndim - 1))
+            mean = jnp.mean(h, axes)
+            var = jnp.mean(jnp.square(h - mean), axes)
+            self.sow("batch_stats", "stats", {"mean": mean, "var": var})
+        else:
+            mean, var = stats["mean"], stats["var"]
+        scale = self.param("scale", nn.initializers.ones, (h.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (h.shape[-1],))
+        return (h - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
 class MLP(nn.Module):
-    """Multi-layer perceptron: ``hidden`` widths with ``activation`` (and optional LayerNorm), then a linear
-    layer of width ``out``. Inputs of any shape are flattened over their trailing ``in_ndims`` axes."""
+    """Multi-layer perceptron: ``hidden`` widths with ``activation`` (and optional LayerNorm or batch
+    normalisation before it), then a linear layer of width ``out``. Inputs of any shape are flattened over their
+    trailing ``in_ndims`` axes.
+
+    With ``batch_norm`` the hidden layers have no bias (the normalisation's shift replaces it) and ``__call__``
+    takes ``stats``, one ``{"mean", "var"}`` per hidden layer; without them it normalises with the statistics of
+    the batch and :meth:`batch_stats` returns those (see :class:`BatchNorm`)."""
 
     hidden: Sequence[int]
     out: int
     activation: str = "tanh"
     layer_norm: bool = False
+    batch_norm: bool = False
     in_ndims: int = 1
     out_bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, stats: Sequence[dict[str, jax.Array]] | None = None) -> jax.Array:
+        if self.layer_norm and self.batch_norm:
+            raise ValueError("choose layer_norm or batch_norm, not both")
+        if stats is not None and len(stats) != len(self.hidden):
+            raise ValueError(f"stats must hold one entry per hidden layer ({len(self.hidden)}), got {len(stats)}")
         act = get_activation(self.activation)
         lead = x.shape[: x.ndim - self.in_ndims]
         h = x.reshape(lead + (-1,))
-        for width in self.hidden:
-            h = dense(width, h.shape[-1])(h)
+        for i, width in enumerate(self.hidden):
+            h = dense(width, h.shape[-1], use_bias=not self.batch_norm)(h)
             if self.layer_norm:
                 h = nn.LayerNorm()(h)
+            if self.batch_norm:
+                h = BatchNorm(name=f"BatchNorm_{i}")(h, None if stats is None else stats[i])
             h = act(h)
         return dense(self.out, h.shape[-1], bias_init=self.out_bias_init)(h)
+
+    def batch_stats(self, variables: dict[str, Any], x: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """``(output, stats)`` of a batch-normalised MLP on the batch ``x``: the statistics each hidden layer
+        normalised with (differentiable), in the form ``__call__`` takes them."""
+        if not self.batch_norm:
+            raise ValueError("batch_stats needs an MLP with batch_norm=True")
+        out, state = self.apply(variables, x, mutable=["batch_stats"])
+        sown = state["batch_stats"]
+        return out, [sown[f"BatchNorm_{i}"]["stats"][0] for i in range(len(self.hidden))]
 
 
 def _check_image(x: jax.Array, name: str) -> None:

@@ -145,13 +145,14 @@ def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
     root = _mnist_dir()
     out, ckpt = tmp_path / "mnist_gmvae.json", tmp_path / "ckpt"
     script = _load("mnist_gmvae")
-    common = ["--data-dir", root, "--clusters", "3", "--epochs", "2", "--batch-size", "100", "--hidden", "16",
-              "--local-dim", "4", "--global-dim", "3", "--max-train", "300", "--max-test", "200", "--no-progress",
+    common = ["--data-dir", root, "--clusters", "3", "--epochs", "2", "--batch-size", "100", "--hidden", "16,8",
+              "--prior-hidden", "8", "--local-dim", "4", "--global-dim", "3", "--max-train", "300", "--max-test", "200", "--no-progress",
               "--out", str(out), "--checkpoint-dir", str(ckpt)]
     assert script.main(common + ["--seeds", "1"]) == 0
     first = json.loads(out.read_text())["runs"]["3"]
     assert [r["seed"] for r in first] == [0] and first[0]["epochs"] == 2
     assert 1 <= first[0]["clusters_used"] <= 3 and 0.0 <= first[0]["nmi"] <= 1.0
+    assert 1 <= first[0]["final"]["test_clusters_used"] <= 3  # the label-free collapse check of each evaluation
     assert first[0]["accuracy_many_to_one"] >= first[0]["accuracy_hungarian"] - 1e-9  # many-to-one is the looser
     assert (ckpt / "K3_seed0").is_dir()
     assert (tmp_path / "mnist_gmvae_K3_seed0_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,5 +163,12 @@ def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
     res = json.loads(out.read_text())
     assert res["runs"]["3"] == second and set(res["baselines"]["3"]) == {"kmeans", "gaussian_mixture"}
     assert len(res["baselines"]["3"]["kmeans"]) == 2
+    second_baselines = res["baselines"]["3"]
     with pytest.raises(SystemExit, match="different setting"):
         script.main(common + ["--seeds", "2", "--resume", "--epochs", "3"])
+    # A new setting without --resume starts the runs afresh and keeps the baselines (they do not depend on it).
+    assert script.main(common + ["--seeds", "1", "--epochs", "1", "--cluster-gradient", "elbo",
+                                 "--no-batch-norm", "--checkpoint-dir", str(tmp_path / "ckpt2")]) == 0
+    res = json.loads(out.read_text())
+    assert [r["epochs"] for r in res["runs"]["3"]] == [1] and res["baselines"]["3"] == second_baselines
+    assert res["config"]["cluster_gradient"] == "elbo" and res["config"]["batch_norm"] is False

@@ -174,3 +174,98 @@ def test_clustering_metrics():
     assert metrics.hungarian_accuracy(y, split) == pytest.approx(5 / 6)
     with pytest.raises(ValueError, match="differ in length"):
         metrics.hungarian_accuracy(y, np.array([0, 1]))
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
+
+
+def test_paper_cluster_gradient_flips_the_part_through_the_posterior(model_and_params):
+    """The published code's gradient: same loss value; while the z-prior term is above lambda, the conditional-prior
+    term's gradient through p(z | l, w) changes sign, i.e. grad_paper = grad_elbo - 2 grad(sum_k p_k sg(KL_k))."""
+    model, params = model_and_params
+    batch = jax.random.normal(jax.random.key(8), (16, 2))
+    key = jax.random.key(9)
+    keys = jax.random.split(key, 16)
+
+    def through_post(p):  # the conditional-prior term with its KLs held constant
+        return jnp.mean(jax.vmap(lambda x, k: model._loss_terms(p, x, k, 1)[1])(batch, keys))
+
+    def kl_held(p):  # the same term with the cluster posterior held constant instead
+        def one(x, k):
+            q_w, q_l = model.encode(p, x)
+            w = q_w.sample(seed=jax.random.split(k)[0], sample_shape=1)
+            l = q_l.sample(seed=jax.random.split(k)[1], sample_shape=1)
+            post = jax.lax.stop_gradient(model.cluster_posterior(p, l, w))
+            loc, scale = model.conditional_prior(p, w)
+            from dlvm_jax import distributions as dists
+            return jnp.mean(jnp.sum(post * dists.kl_diag_gaussians(q_l.loc, q_l.scale_diag, loc, scale), -1))
+        return jnp.mean(jax.vmap(one)(batch, keys))
+
+    for free_bits, flipped in ((0.0, True), (100.0, False)):
+        elbo = make_gmvae_loss(model, free_bits=free_bits)
+        paper = make_gmvae_loss(model, free_bits=free_bits, cluster_gradient="paper")
+        (v_e, m_e), g_e = jax.value_and_grad(elbo, has_aux=True)(params, batch, key, 0)
+        (v_p, m_p), g_p = jax.value_and_grad(paper, has_aux=True)(params, batch, key, 0)
+        np.testing.assert_allclose(float(v_p), float(v_e), rtol=1e-6)
+        if flipped:
+            g_t = jax.grad(through_post)(params)
+            expected = jax.tree.map(lambda a, b: a - 2.0 * b, g_e, g_t)
+            np.testing.assert_allclose(_flat(g_p), _flat(expected), rtol=1e-4, atol=1e-6)
+            assert np.abs(_flat(g_t)).max() > 1e-4  # the flip changes something
+            # the conditional-prior term's two parts: through the posterior + through the KLs = its whole gradient
+            g_cond = jax.grad(lambda p: make_gmvae_loss(model, free_bits=0.0)(p, batch, key, 0)[1]["cond_prior"])(
+                params)
+            np.testing.assert_allclose(_flat(g_cond), _flat(g_t) + _flat(jax.grad(kl_held)(params)),
+                                       rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_allclose(_flat(g_p), _flat(g_e), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="cluster_gradient"):
+        make_gmvae_loss(model, cluster_gradient="nope")
+
+
+@pytest.fixture(scope="module")
+def bn_model_and_params():
+    model = GMVAE(GMVAEConfig(data_shape=(6,), clusters=3, local_dim=2, global_dim=2, hidden=(8, 5),
+                              prior_hidden=(4,), activation="relu", prior_activation="tanh", batch_norm=True,
+                              likelihood="bernoulli"))
+    return model, model.init(jax.random.key(0))
+
+
+def test_batch_norm_encoder_normalises_with_batch_or_given_stats(bn_model_and_params):
+    model, params = bn_model_and_params
+    x = jax.random.uniform(jax.random.key(1), (32, 6))
+    assert "BatchNorm_1" in params["encoder"] and "bias" not in params["encoder"]["Dense_0"]
+    with pytest.raises(ValueError, match="with_stats"):
+        model.encode(params, x[0])
+    p = model.with_stats(params, x)
+    stats = p["encoder_stats"]
+    # Layer 1's statistics are those of its pre-activations over the batch (numpy recomputation).
+    h = np.asarray(x) @ np.asarray(params["encoder"]["Dense_0"]["kernel"])
+    np.testing.assert_allclose(np.asarray(stats[0]["mean"]), h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats[0]["var"]), h.var(0), rtol=1e-4, atol=1e-6)
+    # and after normalisation with them (scale 1, shift 0 at init) each feature has mean 0 and variance ~1.
+    z = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+    # Per example with the batch's statistics = the batch in training mode.
+    out_batch, _ = model.encoder.batch_stats({"params": params["encoder"]}, x)
+    out_each = jax.vmap(lambda xi: model.encoder.apply({"params": params["encoder"]}, xi, stats))(x)
+    np.testing.assert_allclose(np.asarray(out_each), np.asarray(out_batch), rtol=1e-5, atol=1e-6)
+    # Another batch's statistics give other outputs: the normalisation really uses them.
+    other = model.with_stats(params, x * 2.0 + 1.0)["encoder_stats"]
+    out_other = jax.vmap(lambda xi: model.encoder.apply({"params": params["encoder"]}, xi, other))(x)
+    assert np.abs(np.asarray(out_other) - np.asarray(out_batch)).max() > 1e-3
+
+
+def test_batch_norm_gmvae_trains_and_predicts(bn_model_and_params):
+    model, params = bn_model_and_params
+    x = (jax.random.uniform(jax.random.key(2), (64, 6)) > 0.5).astype(jnp.float32)
+    loss_fn = make_gmvae_loss(model, cluster_gradient="paper")
+    (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, x, jax.random.key(3), 0)
+    assert np.isfinite(float(loss)) and "encoder_stats" not in g
+    # The gradient reaches the normalisation's scale and, through the batch statistics, the first layer.
+    assert np.abs(np.asarray(g["encoder"]["BatchNorm_0"]["scale"])).max() > 0
+    assert np.abs(np.asarray(g["encoder"]["Dense_0"]["kernel"])).max() > 0
+    pred = model.predict(model.with_stats(params, x), x)
+    chex.assert_shape(pred, (64,))
+    assert model.with_stats(params, x).keys() >= {"encoder", "prior", "decoder", "encoder_stats"}

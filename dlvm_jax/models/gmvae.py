@@ -50,6 +50,8 @@ class GMVAEConfig:
     prior_hidden: tuple[int, ...] = (100,)
     activation: str = "tanh"
     likelihood: str = "gaussian"
+    prior_activation: str | None = None  # the prior network's activation; None: ``activation``
+    batch_norm: bool = False  # batch normalisation in the encoder's hidden layers (the paper's MNIST recogniser)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_shape", tuple(int(d) for d in self.data_shape))
@@ -71,8 +73,9 @@ class GMVAE:
     def __init__(self, config: GMVAEConfig):
         self.config = config
         c = config
-        self.encoder = MLP(c.hidden, 2 * (c.global_dim + c.local_dim), c.activation, in_ndims=len(c.data_shape))
-        self.prior_net = MLP(c.prior_hidden, 2 * c.clusters * c.local_dim, c.activation)
+        self.encoder = MLP(c.hidden, 2 * (c.global_dim + c.local_dim), c.activation, in_ndims=len(c.data_shape),
+                           batch_norm=c.batch_norm)
+        self.prior_net = MLP(c.prior_hidden, 2 * c.clusters * c.local_dim, c.prior_activation or c.activation)
         self.decoder = MLP(tuple(reversed(c.hidden)), dists.likelihood_param_size(c.likelihood, c.data_size),
                            c.activation)
 
@@ -86,17 +89,37 @@ class GMVAE:
         c = self.config
         ke, kp, kd = jax.random.split(key, 3)
         return {
-            "encoder": self.encoder.init(ke, jnp.zeros(c.data_shape))["params"],
+            # a batch-normalised encoder initialises on a batch (its statistics need one); same parameters
+            "encoder": self.encoder.init(ke, jnp.zeros((2,) * c.batch_norm + c.data_shape))["params"],
             "prior": self.prior_net.init(kp, jnp.zeros((c.global_dim,)))["params"],
             "decoder": self.decoder.init(kd, jnp.zeros((c.local_dim,)))["params"],
         }
 
     # -- distributions ------------------------------------------------------------------------------------------
     def encode(self, params: Params, x: jax.Array) -> tuple[dists.Distribution, dists.Distribution]:
-        """(q(w | x), q(l | x)), diagonal Gaussians with event shapes (global_dim,) and (local_dim,)."""
-        out = self.encoder.apply({"params": params["encoder"]}, x)
+        """(q(w | x), q(l | x)), diagonal Gaussians with event shapes (global_dim,) and (local_dim,).
+
+        A batch-normalised encoder normalises with ``params["encoder_stats"]``: :meth:`with_stats` puts them there
+        (the loss does so with each batch's statistics; for evaluation use the training set's)."""
+        stats = None
+        if self.config.batch_norm:
+            stats = params.get("encoder_stats")
+            if stats is None:
+                raise ValueError("this GMVAE's encoder is batch-normalised: evaluate it with "
+                                 "params = model.with_stats(params, x_train) (the training set's statistics)")
+        out = self.encoder.apply({"params": params["encoder"]}, x, stats)
         w_raw, l_raw = jnp.split(out, [2 * self.config.global_dim], axis=-1)
         return dists.diag_gaussian_from_raw(w_raw), dists.diag_gaussian_from_raw(l_raw)
+
+    def with_stats(self, params: Params, data: jax.Array) -> Params:
+        """``params`` with ``"encoder_stats"``: the mean and variance of every batch-normalised hidden layer of the
+        encoder over ``data`` (differentiable). ``params`` unchanged for an encoder without batch normalisation."""
+        if not self.config.batch_norm:
+            return params
+        if data.shape[1:] != self.config.data_shape:
+            raise ValueError(f"with_stats expects a batch of shape (N, *{self.config.data_shape}), got {data.shape}")
+        _, stats = self.encoder.batch_stats({"params": params["encoder"]}, data)
+        return {**params, "encoder_stats": stats}
 
     def decode(self, params: Params, l: jax.Array) -> dists.Distribution:
         """p(x | l) for l of shape (..., local_dim)."""
@@ -132,6 +155,11 @@ class GMVAE:
     # -- objective ------------------------------------------------------------------------------------------------
     def loss_terms(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int = 1) -> Metrics:
         """Per-example ELBO terms (all in nats, positive KLs): ``rec``, ``cond_prior``, ``w_prior``, ``z_prior``."""
+        return self._loss_terms(params, x, key, num_samples)[0]
+
+    def _loss_terms(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int) -> tuple[Metrics, jax.Array]:
+        """:meth:`loss_terms` and ``cond_prior`` with its KLs held constant (the part of its gradient that flows
+        through the cluster posterior; see ``cluster_gradient`` in :func:`make_gmvae_loss`)."""
         q_w, q_l = self.encode(params, x)
         k_w, k_l = jax.random.split(key)
         w = q_w.sample(seed=k_w, sample_shape=num_samples)  # (M, Dw)
@@ -143,10 +171,11 @@ class GMVAE:
         post = jnp.exp(log_post)
         kl_l = dists.kl_diag_gaussians(q_l.loc, q_l.scale_diag, loc, scale)  # (M, K)
         cond_prior = jnp.mean(dists.sum_last(post * kl_l))
+        through_post = jnp.mean(dists.sum_last(post * jax.lax.stop_gradient(kl_l)))
         w_prior = dists.kl_divergence(q_w, self.prior_w(params))
         z_prior = jnp.mean(dists.sum_last(post * (log_post - self.log_pi())))
         return {"rec": rec, "cond_prior": cond_prior, "w_prior": w_prior, "z_prior": z_prior,
-                "elbo": rec - cond_prior - w_prior - z_prior}
+                "elbo": rec - cond_prior - w_prior - z_prior}, through_post
 
     def log_weights(self, params: Params, x: jax.Array, key: jax.Array, num_samples: int, *,
                     stop_q_grad: bool = False) -> jax.Array:
@@ -215,19 +244,38 @@ class GMVAE:
         return jnp.swapaxes(dists.likelihood_mean(self.decode(params, l)), 0, 1)
 
 
-def make_gmvae_loss(model: GMVAE, *, num_samples: int = 1, free_bits: float = 0.5) -> LossFn:
+CLUSTER_GRADIENTS = ("elbo", "paper")
+
+
+def make_gmvae_loss(model: GMVAE, *, num_samples: int = 1, free_bits: float = 0.5,
+                    cluster_gradient: str = "elbo") -> LossFn:
     """Batch loss ``loss_fn(params, batch, key, step) -> (loss, metrics)`` of the GMVAE (minus the ELBO with the
-    z-prior term clamped below at ``free_bits`` = lambda nats, on its batch mean)."""
+    z-prior term clamped below at ``free_bits`` = lambda nats, on its batch mean).
+
+    ``cluster_gradient="paper"`` keeps the loss's value and changes its gradient to the one of the paper's code
+    (Nat-D/GMVAE, main.lua): while the batch's z-prior term is above lambda, that code adds the z-prior gradient
+    with respect to p(z | l, w) to the conditional-prior term's and then negates the sum
+    (``gradQz:add(...):mul(-1)``), so the conditional-prior term's gradient through p(z | l, w) has its sign
+    flipped: it pushes each example's cluster weights towards the components whose KL is larger. That is the
+    gradient the published MNIST accuracies were trained with; with the ELBO's own gradient ("elbo", the default)
+    the MNIST runs put every digit in one cluster (README, GMVAE on MNIST). A batch-normalised encoder
+    (``config.batch_norm``) is normalised with the statistics of each batch."""
     num_samples = check_num_samples(num_samples)
     if free_bits < 0:
         raise ValueError(f"the free-bits threshold lambda must be >= 0, got {free_bits}")
+    if cluster_gradient not in CLUSTER_GRADIENTS:
+        raise ValueError(f"cluster_gradient must be one of {CLUSTER_GRADIENTS}, got {cluster_gradient!r}")
 
     def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
         del step
+        params = model.with_stats(params, batch)
         keys = jax.random.split(key, batch.shape[0])
-        terms = jax.vmap(lambda x, k: model.loss_terms(params, x, k, num_samples))(batch, keys)
+        terms, through_post = jax.vmap(lambda x, k: model._loss_terms(params, x, k, num_samples))(batch, keys)
         means = {k: jnp.mean(v) for k, v in terms.items()}
         loss = -means["rec"] + means["cond_prior"] + means["w_prior"] + jnp.maximum(means["z_prior"], free_bits)
+        if cluster_gradient == "paper":  # zero in value; its gradient is -2x the part through p(z | l, w)
+            t = jnp.mean(through_post)
+            loss = loss + jnp.where(means["z_prior"] > free_bits, -2.0 * (t - jax.lax.stop_gradient(t)), 0.0)
         return loss, {**means, "loss": loss}
 
     return loss_fn
