@@ -705,6 +705,8 @@ def make_scorer(model: Any, *, num_samples: int = 50, batch_size: int = 500) -> 
     restart (leading axis of ``params``)."""
 
     def batch_log_px(params: Params, batch: jax.Array, key: jax.Array) -> jax.Array:
+        if hasattr(model, "with_stats"):  # a batch-normalised encoder: the batch's statistics
+            params = model.with_stats(params, batch)
         keys = jax.random.split(key, batch.shape[0])
         log_w = jax.vmap(lambda x, k: model.log_weights(params, x, k, num_samples))(batch, keys)
         return jnp.mean(jax.nn.logsumexp(log_w, axis=-1) - math.log(num_samples))

@@ -1,20 +1,24 @@
 """GMVAE clustering of MNIST (MLP networks), scored by Hungarian accuracy, the paper's many-to-one accuracy and NMI.
 
     python experiments/mnist_gmvae.py --data-dir DIR [--clusters 10,16] [--seeds 3] [--epochs 100]
-        [--checkpoint-dir DIR [--resume]] [--baselines] [--no-gmvae]
+        [--parallel-seeds] [--time-limit S] [--checkpoint-dir DIR [--resume]] [--baselines] [--no-gmvae]
 
 Paper setting (Dilokthanakul et al. 2016, the defaults of its code Nat-D/GMVAE, main.lua and
-models/FullyConnected.lua): l (the paper's x) 200-D, w 150-D; encoder 784-500-500 with batch normalisation and ReLU,
-decoder 500-500 ReLU, prior network w-500 (tanh)-K x 2 x 200; batch 50, Adam 1e-4, 100 epochs, free bits 0.5;
-Bernoulli likelihood on the [0, 1] grey levels; and the code's gradient (``--cluster-gradient paper``, see
-:func:`dlvm_jax.models.gmvae.make_gmvae_loss`): with the ELBO's own gradient every digit ends in one cluster.
-Clusters are predicted at the posterior means, the encoder normalised with the training set's statistics. Clustering is scored on the 10,000 test
-images (the model never sees their labels). Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
+models/FullyConnected.lua): l (the paper's x) 200-D, w 150-D; encoder 784-500-500 with batch normalisation and
+ReLU, decoder 500-500 ReLU, prior network w-500 (tanh)-K x 2 x 200, log-variance outputs; batch 50, Adam 1e-4,
+100 epochs, free bits 0.5; Bernoulli likelihood on the [0, 1] grey levels; and the code's gradient
+(``--cluster-gradient paper``, see :func:`dlvm_jax.models.gmvae.make_gmvae_loss`; with ``elbo``, the ELBO's own
+gradient, every digit ends in one cluster). Clusters are predicted at the posterior means, the encoder normalised
+with the training set's statistics, and scored on the 10,000 test images (the model never sees their labels).
+Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
+
 Writes experiments/results/mnist_gmvae.json (per K and seed: accuracy_hungarian, accuracy_many_to_one, nmi) after
 every run, and a figure of 10 generated digits per cluster, one row per cluster, labelled with the cluster's most
-frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). The full setting is ~3 hours per run on 2 CPU cores:
-with ``--checkpoint-dir`` each run checkpoints at every evaluation (orbax), and ``--resume`` keeps the runs already
-in the JSON and continues an interrupted one from its latest checkpoint.
+frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). One run of the full setting takes ~45 minutes on 2 CPU
+cores (~27 s an epoch); ``--parallel-seeds`` trains the seeds together as vmapped restarts (3 seeds: ~90 s an
+epoch), ``--time-limit`` stops a fit early and scores it. With ``--checkpoint-dir`` each fit checkpoints at every
+evaluation (orbax), and ``--resume`` keeps the runs already in the JSON and continues an interrupted one from its
+latest checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 from dlvm_jax import data, metrics, plots
-from dlvm_jax.models.gmvae import CLUSTER_GRADIENTS, GMVAE, GMVAEConfig, make_gmvae_loss
+from dlvm_jax.models.gmvae import CLUSTER_GRADIENTS, SCALES, GMVAE, GMVAEConfig, make_gmvae_loss
 from dlvm_jax.train import fit_restarts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +69,24 @@ def eval_loss(model: GMVAE):
     return loss_fn
 
 
+def finish_run(model: GMVAE, params, *, seed: int, x_train, x_test, y_test, out: Path) -> dict:
+    """Score one trained GMVAE on the test set and draw its samples-per-cluster figure."""
+    k = model.config.clusters
+    evaluated = jax.jit(model.with_stats)(params, x_train)  # a batch-normalised encoder: the training set's stats
+    pred = np.asarray(jax.jit(model.predict)(evaluated, x_test))
+    samples = np.asarray(jax.jit(model.sample_clusters, static_argnums=2)(
+        params, jax.random.key(1000 + seed), 10))  # (K, 10, 784): one row per cluster
+    labels = [f"{c}: {np.bincount(y_test[pred == c], minlength=10).argmax()}" if np.any(pred == c)
+              else f"{c}: -" for c in range(k)]  # cluster: its most frequent test digit
+    figure = out.with_name(f"{out.stem}_K{k}_seed{seed}_samples.png")
+    plots.image_grid(samples.reshape(-1, 784), figure, ncols=10, row_labels=labels,
+                     title=f"GMVAE K={k}, seed {seed}: 10 samples per cluster (row: cluster: majority digit)")
+    rec = {"seed": seed, **scores(y_test, pred), "clusters_used": int(np.unique(pred).size)}
+    print(f"K={k} seed {seed}: many-to-one {rec['accuracy_many_to_one']:.4f}, Hungarian "
+          f"{rec['accuracy_hungarian']:.4f}, NMI {rec['nmi']:.4f}, {rec['clusters_used']} clusters used", flush=True)
+    return rec
+
+
 def run_setting(config: dict) -> dict:
     """What a GMVAE run depends on: the config without the list of K and the number of seeds."""
     return {k: v for k, v in config.items() if k not in ("clusters", "seeds")}
@@ -90,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--free-bits", type=float, default=0.5)
     ap.add_argument("--restarts", type=int, default=1)
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop each fit at the end of the first epoch past this many seconds (then score it)")
+    ap.add_argument("--scale", default="log_var", choices=SCALES,
+                    help="standard deviations as exp(raw / 2) (the paper's log-variances) or softplus(raw)")
+    ap.add_argument("--parallel-seeds", action="store_true",
+                    help="train the missing seeds together, as the vmapped restarts of one fit (seed s is then "
+                         "restart s of the first missing seed's key), each scored on its own")
     ap.add_argument("--baselines", action="store_true", help="also k-means and a Gaussian mixture on raw pixels")
     ap.add_argument("--no-gmvae", dest="gmvae", action="store_false", help="skip the GMVAE runs (baselines only)")
     ap.add_argument("--checkpoint-dir", default=None, help="checkpoint each run here (DIR/K<k>_seed<s>)")
@@ -103,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = data.mnist(args.data_dir)
     x_train, x_test, y_test = ds.x_train[: args.max_train], ds.x_test[: args.max_test], ds.y_test[: args.max_test]
     config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out", "progress", "checkpoint_dir", "resume", "gmvae", "baselines")}
+              if k not in ("data_dir", "out", "progress", "checkpoint_dir", "resume", "gmvae", "baselines",
+                           "parallel_seeds", "time_limit")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"config": config, "paper_many_to_one_percent": PAPER, "date": time.strftime("%Y-%m-%d"),
@@ -124,40 +154,37 @@ def main(argv: list[str] | None = None) -> int:
         model = GMVAE(GMVAEConfig(data_shape=(784,), clusters=k, local_dim=args.local_dim, global_dim=args.global_dim,
                                   hidden=widths(args.hidden), prior_hidden=widths(args.prior_hidden),
                                   activation="relu", prior_activation=args.prior_activation,
-                                  batch_norm=args.batch_norm, likelihood="bernoulli"))
+                                  batch_norm=args.batch_norm, scale=args.scale, likelihood="bernoulli"))
         loss_fn = make_gmvae_loss(model, num_samples=args.num_samples, free_bits=args.free_bits,
                                   cluster_gradient=args.cluster_gradient)
         runs = [r for r in results["runs"].get(str(k), []) if r["seed"] < args.seeds]
-        for seed in range(args.seeds) if args.gmvae else ():
-            if any(r["seed"] == seed for r in runs):
-                print(f"K={k} seed {seed}: already in {out}, kept", flush=True)
-                continue
+        missing = [seed for seed in range(args.seeds) if args.gmvae and not any(r["seed"] == seed for r in runs)]
+        for seed in sorted(set(range(args.seeds)) - set(missing)) if args.gmvae else ():
+            print(f"K={k} seed {seed}: already in {out}, kept", flush=True)
+        # One fit per seed, or (--parallel-seeds) every missing seed at once as the restarts of one vmapped fit.
+        groups = [missing] if args.parallel_seeds and missing else [[seed] for seed in missing]
+        for group in groups:
             t = time.perf_counter()
-            ckpt = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / f"K{k}_seed{seed}"
+            name = f"K{k}_seed{group[0]}" if len(group) == 1 else f"K{k}_seeds{group[0]}-{group[-1]}"
+            ckpt = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / name
             state, history, sel = fit_restarts(
                 model, x_train, init_fn=model.init, loss_fn=loss_fn, optimizer=optax.adam(args.lr),
-                key=jax.random.key(seed), restarts=args.restarts, batch_size=args.batch_size, epochs=args.epochs,
-                eval_every=max(1, args.epochs // 10), test_data=x_test[:2000],
-                eval_loss_fn=eval_loss(model), progress=args.progress,
-                checkpoint_dir=ckpt, resume=args.resume and ckpt is not None and ckpt.exists())
-            params = jax.jit(model.with_stats)(state.params, x_train)  # the training set's statistics
-            pred = np.asarray(jax.jit(model.predict)(params, x_test))
-            samples = np.asarray(jax.jit(model.sample_clusters, static_argnums=2)(
-                state.params, jax.random.key(1000 + seed), 10))  # (K, 10, 784): one row per cluster
-            labels = [f"{c}: {np.bincount(y_test[pred == c], minlength=10).argmax()}" if np.any(pred == c)
-                      else f"{c}: -" for c in range(k)]  # cluster: its most frequent test digit
-            figure = out.with_name(f"{out.stem}_K{k}_seed{seed}_samples.png")
-            plots.image_grid(samples.reshape(-1, 784), figure, ncols=10, row_labels=labels,
-                             title=f"GMVAE K={k}, seed {seed}: 10 samples per cluster (row: cluster: majority digit)")
-            rec = {"seed": seed, **scores(y_test, pred), "clusters_used": int(np.unique(pred).size),
-                   "seconds": round(time.perf_counter() - t, 1), "epochs": history[-1]["epoch"],
-                   "final": {kk: v for kk, v in history[-1].items() if kk.startswith(("train_", "test_"))}}
-            runs = sorted(runs + [rec], key=lambda r: r["seed"])
-            print(f"K={k} seed {seed}: many-to-one {rec['accuracy_many_to_one']:.4f}, Hungarian "
-                  f"{rec['accuracy_hungarian']:.4f}, NMI {rec['nmi']:.4f}, {rec['clusters_used']} clusters used, "
-                  f"{rec['seconds']:.0f} s", flush=True)
-            results["runs"][str(k)] = runs
-            out.write_text(json.dumps(results, indent=1))
+                key=jax.random.key(group[0]), restarts=args.restarts if len(group) == 1 else len(group),
+                batch_size=args.batch_size, epochs=args.epochs, eval_every=max(1, args.epochs // 10),
+                test_data=x_test[:2000], eval_loss_fn=eval_loss(model), progress=args.progress,
+                keep_all=len(group) > 1, checkpoint_dir=ckpt, time_limit=args.time_limit,
+                resume=args.resume and ckpt is not None and ckpt.exists())
+            seconds = round(time.perf_counter() - t, 1)
+            each = ([state.params] if len(group) == 1 else
+                    [jax.tree.map(lambda a, i=i: a[i], sel["all_params"]) for i in range(len(group))])
+            for seed, params in zip(group, each):
+                rec = finish_run(model, params, seed=seed, x_train=x_train, x_test=x_test, y_test=y_test, out=out)
+                rec.update(seconds=seconds, epochs=history[-1]["epoch"], trained_with_seeds=group)
+                if len(group) == 1:
+                    rec["final"] = {kk: v for kk, v in history[-1].items() if kk.startswith(("train_", "test_"))}
+                runs = sorted(runs + [rec], key=lambda r: r["seed"])
+                results["runs"][str(k)] = runs
+                out.write_text(json.dumps(results, indent=1))
         if args.baselines:
             base = {}
             for name, make in (("kmeans", lambda s: KMeans(k, random_state=s, n_init=1)),

@@ -107,7 +107,10 @@ def mnist_gmvae_table(res: dict) -> str:
         paper = res["paper_many_to_one_percent"].get(k)
         if paper:
             lines.append(f"| {k} | GMVAE, Dilokthanakul et al. (M=1) | - | {paper['M=1']} | - | - |")
-        for name, recs in (("GMVAE (ours, M=1)", res.get("runs", {}).get(k, [])),
+        runs = res.get("runs", {}).get(k, [])
+        epochs = sorted({r.get("epochs") for r in runs} - {None})
+        budget = f", {'/'.join(map(str, epochs))} epochs" if epochs else ""
+        for name, recs in ((f"GMVAE (ours, M=1{budget})", runs),
                            *((f"{b} on raw pixels", v) for b, v in res.get("baselines", {}).get(k, {}).items())):
             if recs:
                 lines.append(f"| {k} | {name.replace('_', ' ')} | {len(recs)} | {stat(recs, 'accuracy_many_to_one')} | "

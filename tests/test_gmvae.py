@@ -269,3 +269,32 @@ def test_batch_norm_gmvae_trains_and_predicts(bn_model_and_params):
     pred = model.predict(model.with_stats(params, x), x)
     chex.assert_shape(pred, (64,))
     assert model.with_stats(params, x).keys() >= {"encoder", "prior", "decoder", "encoder_stats"}
+
+
+def test_log_var_scale_reads_raw_outputs_as_log_variances():
+    cfg = dict(clusters=3, local_dim=2, global_dim=2, hidden=(8,), prior_hidden=(8,))
+    a, b = GMVAE(GMVAEConfig(**cfg)), GMVAE(GMVAEConfig(**cfg, scale="log_var"))
+    params = a.init(jax.random.key(0))  # same parameters for both
+    x, w = jnp.array([0.3, -0.7]), jnp.array([0.5, 0.1])
+    raw = a.encoder.apply({"params": params["encoder"]}, x)
+    q_w, q_l = b.encode(params, x)
+    np.testing.assert_allclose(np.asarray(q_w.scale_diag), np.exp(0.5 * np.asarray(raw[2:4])), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(q_l.loc), np.asarray(raw[4:6]), rtol=1e-6)
+    out = a.prior_net.apply({"params": params["prior"]}, w).reshape(3, 4)
+    np.testing.assert_allclose(np.asarray(b.conditional_prior(params, w)[1]), np.exp(0.5 * np.asarray(out[:, 2:])),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        GMVAEConfig(scale="exp")
+
+
+def test_restarts_of_a_batch_normalised_gmvae_are_scored(bn_model_and_params):
+    """fit_restarts scores each restart by importance-sampled log p(x): a batch-normalised encoder gets the scored
+    batch's statistics."""
+    from dlvm_jax.train import fit_restarts
+    model, _ = bn_model_and_params
+    x = (jax.random.uniform(jax.random.key(4), (200, 6)) > 0.5).astype(jnp.float32)
+    _, _, sel = fit_restarts(model, x, init_fn=model.init, loss_fn=make_gmvae_loss(model), optimizer=optax.adam(1e-3),
+                             key=jax.random.key(5), restarts=2, batch_size=50, epochs=1, progress=False,
+                             select="log_px", keep_all=True)
+    assert all(np.isfinite(v) and v < 0 for v in sel["train_log_px"])
+    assert jax.tree.leaves(sel["all_params"])[0].shape[0] == 2

@@ -38,6 +38,11 @@ from dlvm_jax.objectives import LossFn, Metrics, check_num_samples
 Params = Any
 
 
+#: How a raw network output becomes a standard deviation: ``softplus(raw) + 1e-4`` (this library's default) or
+#: ``exp(raw / 2)``, the raw output read as a log-variance (the paper's code).
+SCALES = ("softplus", "log_var")
+
+
 @dataclasses.dataclass(frozen=True)
 class GMVAEConfig:
     """GMVAE architecture. Defaults: the spiral experiment (2-D data, l and w 2-D, K=5 arcs, hidden 100)."""
@@ -52,12 +57,15 @@ class GMVAEConfig:
     likelihood: str = "gaussian"
     prior_activation: str | None = None  # the prior network's activation; None: ``activation``
     batch_norm: bool = False  # batch normalisation in the encoder's hidden layers (the paper's MNIST recogniser)
+    scale: str = "softplus"  # standard deviations from raw outputs: softplus(raw) + 1e-4, or "log_var": exp(raw / 2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_shape", tuple(int(d) for d in self.data_shape))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "prior_hidden", tuple(int(h) for h in self.prior_hidden))
         dists.check_likelihood(self.likelihood)
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         for name in ("clusters", "local_dim", "global_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -109,7 +117,14 @@ class GMVAE:
                                  "params = model.with_stats(params, x_train) (the training set's statistics)")
         out = self.encoder.apply({"params": params["encoder"]}, x, stats)
         w_raw, l_raw = jnp.split(out, [2 * self.config.global_dim], axis=-1)
-        return dists.diag_gaussian_from_raw(w_raw), dists.diag_gaussian_from_raw(l_raw)
+        return self._gaussian(w_raw), self._gaussian(l_raw)
+
+    def _std(self, raw: jax.Array) -> jax.Array:
+        return jnp.exp(0.5 * raw) if self.config.scale == "log_var" else dists.positive_scale(raw)
+
+    def _gaussian(self, raw: jax.Array) -> dists.Distribution:
+        loc, raw_scale = jnp.split(raw, 2, axis=-1)
+        return dists.diag_gaussian(loc, self._std(raw_scale))
 
     def with_stats(self, params: Params, data: jax.Array) -> Params:
         """``params`` with ``"encoder_stats"``: the mean and variance of every batch-normalised hidden layer of the
@@ -136,7 +151,7 @@ class GMVAE:
         out = self.prior_net.apply({"params": params["prior"]}, w)
         out = out.reshape(out.shape[:-1] + (c.clusters, 2 * c.local_dim))
         loc, raw = jnp.split(out, 2, axis=-1)
-        return loc, dists.positive_scale(raw)
+        return loc, self._std(raw)
 
     def log_pi(self) -> jax.Array:
         k = self.config.clusters
