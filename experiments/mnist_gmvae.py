@@ -14,9 +14,9 @@ Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
 
 Writes experiments/results/mnist_gmvae.json (per K and seed: accuracy_hungarian, accuracy_many_to_one, nmi) after
 every run, and a figure of 10 generated digits per cluster, one row per cluster, labelled with the cluster's most
-frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). One run of the full setting takes ~45 minutes on 2 CPU
-cores (~27 s an epoch); ``--parallel-seeds`` trains the seeds together as vmapped restarts (3 seeds: ~90 s an
-epoch), ``--time-limit`` stops a fit early and scores it. With ``--checkpoint-dir`` each fit checkpoints at every
+frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). ``--parallel-seeds`` trains the seeds together as
+vmapped restarts (3 seeds of the full setting: ~110 s an epoch on 2 CPU cores, ~3 hours for 100 epochs);
+``--time-limit`` stops a fit early and scores it. With ``--checkpoint-dir`` each fit checkpoints at every
 evaluation (orbax), and ``--resume`` keeps the runs already in the JSON and continues an interrupted one from its
 latest checkpoint.
 """
