@@ -69,22 +69,29 @@ def eval_loss(model: GMVAE):
     return loss_fn
 
 
-def finish_run(model: GMVAE, params, *, seed: int, x_train, x_test, y_test, out: Path) -> dict:
-    """Score one trained GMVAE on the test set and draw its samples-per-cluster figure."""
+def make_finisher(model: GMVAE):
+    """``finish(params, seed=..., x_train=..., x_test=..., y_test=..., out=...)``: score one trained GMVAE on the
+    test set and draw its samples-per-cluster figure (jitted once per model, shared by its seeds)."""
     k = model.config.clusters
-    evaluated = jax.jit(model.with_stats)(params, x_train)  # a batch-normalised encoder: the training set's stats
-    pred = np.asarray(jax.jit(model.predict)(evaluated, x_test))
-    samples = np.asarray(jax.jit(model.sample_clusters, static_argnums=2)(
-        params, jax.random.key(1000 + seed), 10))  # (K, 10, 784): one row per cluster
-    labels = [f"{c}: {np.bincount(y_test[pred == c], minlength=10).argmax()}" if np.any(pred == c)
-              else f"{c}: -" for c in range(k)]  # cluster: its most frequent test digit
-    figure = out.with_name(f"{out.stem}_K{k}_seed{seed}_samples.png")
-    plots.image_grid(samples.reshape(-1, 784), figure, ncols=10, row_labels=labels,
-                     title=f"GMVAE K={k}, seed {seed}: 10 samples per cluster (row: cluster: majority digit)")
-    rec = {"seed": seed, **scores(y_test, pred), "clusters_used": int(np.unique(pred).size)}
-    print(f"K={k} seed {seed}: many-to-one {rec['accuracy_many_to_one']:.4f}, Hungarian "
-          f"{rec['accuracy_hungarian']:.4f}, NMI {rec['nmi']:.4f}, {rec['clusters_used']} clusters used", flush=True)
-    return rec
+    with_stats, predict = jax.jit(model.with_stats), jax.jit(model.predict)
+    sample_clusters = jax.jit(model.sample_clusters, static_argnums=2)
+
+    def finish(params, *, seed: int, x_train, x_test, y_test, out: Path) -> dict:
+        # a batch-normalised encoder is normalised with the training set's statistics
+        pred = np.asarray(predict(with_stats(params, x_train), x_test))
+        samples = np.asarray(sample_clusters(params, jax.random.key(1000 + seed), 10))  # (K, 10, 784)
+        labels = [f"{c}: {np.bincount(y_test[pred == c], minlength=10).argmax()}" if np.any(pred == c)
+                  else f"{c}: -" for c in range(k)]  # cluster: its most frequent test digit
+        figure = out.with_name(f"{out.stem}_K{k}_seed{seed}_samples.png")
+        plots.image_grid(samples.reshape(-1, 784), figure, ncols=10, row_labels=labels,
+                         title=f"GMVAE K={k}, seed {seed}: 10 samples per cluster (row: cluster: majority digit)")
+        rec = {"seed": seed, **scores(y_test, pred), "clusters_used": int(np.unique(pred).size)}
+        print(f"K={k} seed {seed}: many-to-one {rec['accuracy_many_to_one']:.4f}, Hungarian "
+              f"{rec['accuracy_hungarian']:.4f}, NMI {rec['nmi']:.4f}, {rec['clusters_used']} clusters used",
+              flush=True)
+        return rec
+
+    return finish
 
 
 def run_setting(config: dict) -> dict:
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"K={k} seed {seed}: already in {out}, kept", flush=True)
         # One fit per seed, or (--parallel-seeds) every missing seed at once as the restarts of one vmapped fit.
         groups = [missing] if args.parallel_seeds and missing else [[seed] for seed in missing]
+        finish = None  # jitted scoring, made once per K when a fit needs it
         for group in groups:
             t = time.perf_counter()
             name = f"K{k}_seed{group[0]}" if len(group) == 1 else f"K{k}_seeds{group[0]}-{group[-1]}"
@@ -175,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 keep_all=len(group) > 1, checkpoint_dir=ckpt, time_limit=args.time_limit,
                 resume=args.resume and ckpt is not None and ckpt.exists())
             seconds = round(time.perf_counter() - t, 1)
+            finish = finish or make_finisher(model)
             each = ([state.params] if len(group) == 1 else
                     [jax.tree.map(lambda a, i=i: a[i], sel["all_params"]) for i in range(len(group))])
             for seed, params in zip(group, each):
-                rec = finish_run(model, params, seed=seed, x_train=x_train, x_test=x_test, y_test=y_test, out=out)
+                rec = finish(params, seed=seed, x_train=x_train, x_test=x_test, y_test=y_test, out=out)
                 rec.update(seconds=seconds, epochs=history[-1]["epoch"], trained_with_seeds=group)
                 if len(group) == 1:
                     rec["final"] = {kk: v for kk, v in history[-1].items() if kk.startswith(("train_", "test_"))}
