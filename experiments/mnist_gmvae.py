@@ -1,21 +1,30 @@
 """GMVAE clustering of MNIST (MLP networks), scored by Hungarian accuracy, the paper's many-to-one accuracy and NMI.
 
-    python experiments/mnist_gmvae.py --data-dir DIR [--clusters 10,16] [--seeds 3] [--epochs 100]
-        [--parallel-seeds] [--time-limit S] [--checkpoint-dir DIR [--resume]] [--baselines] [--no-gmvae]
+    python experiments/mnist_gmvae.py --data-dir DIR [--recipe pretrained|paper] [--clusters 10,16] [--seeds 3]
+        [--epochs E] [--parallel-seeds] [--time-limit S] [--checkpoint-dir DIR [--resume]] [--baselines]
+        [--no-gmvae] [--out FILE]
 
-Paper setting (Dilokthanakul et al. 2016, the defaults of its code Nat-D/GMVAE, main.lua and
-models/FullyConnected.lua): l (the paper's x) 200-D, w 150-D; encoder 784-500-500 with batch normalisation and
-ReLU, decoder 500-500 ReLU, prior network w-500 (tanh)-K x 2 x 200, log-variance outputs; batch 50, Adam 1e-4,
-100 epochs, free bits 0.5; Bernoulli likelihood on the [0, 1] grey levels; and the code's gradient
-(``--cluster-gradient paper``, see :func:`dlvm_jax.models.gmvae.make_gmvae_loss`; with ``elbo``, the ELBO's own
-gradient, every digit ends in one cluster). Clusters are predicted at the posterior means, the encoder normalised
-with the training set's statistics, and scored on the 10,000 test images (the model never sees their labels).
-Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
+Both recipes use the paper's networks (Dilokthanakul et al. 2016, the defaults of its code Nat-D/GMVAE, main.lua
+and models/FullyConnected.lua): encoder 784-500-500 with batch normalisation and ReLU, decoder 500-500 ReLU, prior
+network w-500 (tanh)-K x 2 x dim(l), log-variance outputs; batch 50, Adam 1e-4, free bits 0.5; Bernoulli
+likelihood on the [0, 1] grey levels.
+
+- ``--recipe pretrained`` (the default): l (the paper's x) and w 10-D; an autoencoder pretrained for 60 epochs,
+  p(l | w, z) initialised at a diagonal Gaussian mixture fitted to its latent means (VaDE-style,
+  :func:`dlvm_jax.models.gmvae.pretrained_init`), then 30 epochs of the GMVAE with the ELBO's own gradient.
+- ``--recipe paper``: the paper code's setting: random initialisation, l 200-D, w 150-D, 100 epochs, and the code's
+  gradient (``--cluster-gradient paper``, see :func:`dlvm_jax.models.gmvae.make_gmvae_loss`; with ``elbo``, the
+  ELBO's own gradient, every digit ends in one cluster). Its results: mnist_gmvae_paper.json (``--out``).
+
+Any option given overrides its recipe's value. Clusters are predicted at the posterior means, the encoder
+normalised with the training set's statistics, and scored on the 10,000 test images (the model never sees their
+labels). Baselines: k-means and a Gaussian mixture (diagonal) on raw pixels.
 
 Writes experiments/results/mnist_gmvae.json (per K and seed: accuracy_hungarian, accuracy_many_to_one, nmi) after
 every run, and a figure of 10 generated digits per cluster, one row per cluster, labelled with the cluster's most
-frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). ``--parallel-seeds`` trains the seeds together as
-vmapped restarts (3 seeds of the full setting: ~110 s an epoch on 2 CPU cores, ~3 hours for 100 epochs);
+frequent test digit (mnist_gmvae_K<k>_seed<s>_samples.png). ``--parallel-seeds`` trains the seeds of random initialisations
+together as vmapped restarts (3 seeds of the paper setting: ~110 s an epoch on 2 CPU cores, ~3 hours for 100
+epochs); a pretrained initialisation trains its seeds one by one.
 ``--time-limit`` stops a fit early and scores it. With ``--checkpoint-dir`` each fit checkpoints at every
 evaluation (orbax), and ``--resume`` keeps the runs already in the JSON and continues an interrupted one from its
 latest checkpoint.
@@ -36,7 +45,8 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 from dlvm_jax import data, metrics, plots
-from dlvm_jax.models.gmvae import CLUSTER_GRADIENTS, SCALES, GMVAE, GMVAEConfig, make_gmvae_loss
+from dlvm_jax.models.gmvae import (CLUSTER_GRADIENTS, SCALES, GMVAE, GMVAEConfig, make_gmvae_loss,
+                                   pretrained_init)
 from dlvm_jax.train import fit_restarts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,6 +54,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: The paper's table (mean +- std over runs, best), many-to-one accuracy in % (REFERENCES.md, [reported]).
 PAPER = {10: {"M=1": "77.78 +- 5.75 (87.31)", "M=10": "82.31 +- 3.75 (88.54)"},
          16: {"M=1": "85.09 +- 1.99 (89.01)", "M=10": "87.82 +- 5.33 (96.92)"}}
+
+
+#: Two settings (``--recipe``); any option given on the command line overrides its recipe's value.
+#: "paper": the paper's code (random initialisation, l 200-D, w 150-D, its sign-flipped cluster gradient, 100
+#: epochs). "pretrained": the same networks with l and w 10-D, initialised VaDE-style (an autoencoder pretrained
+#: for ``pretrain_epochs``, then p(l | w, z) set to a diagonal Gaussian mixture fitted to its latent means, see
+#: :func:`dlvm_jax.models.gmvae.pretrained_init`) and trained with the ELBO's own gradient.
+RECIPES = {
+    "paper": {"init": "random", "local_dim": 200, "global_dim": 150, "cluster_gradient": "paper", "epochs": 100,
+              "lr": 1e-4, "pretrain_epochs": 0},
+    "pretrained": {"init": "pretrain", "local_dim": 10, "global_dim": 10, "cluster_gradient": "elbo", "epochs": 30,
+                   "lr": 1e-4, "pretrain_epochs": 60},
+}
 
 
 def scores(y: np.ndarray, pred: np.ndarray) -> dict:
@@ -91,6 +114,7 @@ def make_finisher(model: GMVAE):
               flush=True)
         return rec
 
+    finish.predict = lambda params, x_train, x_test: np.asarray(predict(with_stats(params, x_train), x_test))
     return finish
 
 
@@ -104,18 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--clusters", default="10,16")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--recipe", default="pretrained", choices=tuple(RECIPES),
+                    help="'pretrained' (default): VaDE-style initialisation, l and w 10-D, the ELBO's gradient; "
+                         "'paper': the paper code's setting; the options below override the recipe's values")
+    ap.add_argument("--init", default=None, choices=("random", "pretrain"),
+                    help="random, or pretrain: autoencoder pretraining + a Gaussian mixture on its latents")
+    ap.add_argument("--pretrain-epochs", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--hidden", default="500,500", help="encoder widths (the decoder mirrors them), comma-separated")
     ap.add_argument("--prior-hidden", default="500", help="the prior network's widths, comma-separated")
     ap.add_argument("--prior-activation", default="tanh")
     ap.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                     help="no batch normalisation in the encoder")
-    ap.add_argument("--cluster-gradient", default="paper", choices=CLUSTER_GRADIENTS,
-                    help="'paper': the published code's gradient (default); 'elbo': the ELBO's own")
-    ap.add_argument("--local-dim", type=int, default=200)
-    ap.add_argument("--global-dim", type=int, default=150)
+    ap.add_argument("--cluster-gradient", default=None, choices=CLUSTER_GRADIENTS,
+                    help="'paper': the published code's gradient; 'elbo': the ELBO's own")
+    ap.add_argument("--local-dim", type=int, default=None)
+    ap.add_argument("--global-dim", type=int, default=None)
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--free-bits", type=float, default=0.5)
     ap.add_argument("--restarts", type=int, default=1)
@@ -136,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "mnist_gmvae.json"))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.init == "pretrain" and args.pretrain_epochs < 1:
+        ap.error("--init pretrain needs --pretrain-epochs >= 1")
+    if args.init == "pretrain" and args.parallel_seeds:
+        ap.error("--parallel-seeds trains random initialisations together; with --init pretrain seeds run one by one")
     ds = data.mnist(args.data_dir)
     x_train, x_test, y_test = ds.x_train[: args.max_train], ds.x_test[: args.max_test], ds.y_test[: args.max_test]
     config = {k: v for k, v in vars(args).items()
@@ -175,8 +212,20 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             name = f"K{k}_seed{group[0]}" if len(group) == 1 else f"K{k}_seeds{group[0]}-{group[-1]}"
             ckpt = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / name
+            init_fn, pre = model.init, {}
+            if args.init == "pretrain":
+                tp = time.perf_counter()
+                params0, info = pretrained_init(model, x_train, jax.random.fold_in(jax.random.key(group[0]), 99),
+                                                epochs=args.pretrain_epochs, progress=args.progress)
+                finish = finish or make_finisher(model)
+                pre = {"pretrain_loss": info["pretrain_loss"],
+                       "pretrain_seconds": round(time.perf_counter() - tp, 1),
+                       "at_init": scores(y_test, finish.predict(params0, x_train, x_test))}
+                print(f"K={k} seed {group[0]}: after pretraining, many-to-one "
+                      f"{pre['at_init']['accuracy_many_to_one']:.4f}", flush=True)
+                init_fn = lambda key, p=params0: p  # noqa: E731  (the restarts' key is not used)
             state, history, sel = fit_restarts(
-                model, x_train, init_fn=model.init, loss_fn=loss_fn, optimizer=optax.adam(args.lr),
+                model, x_train, init_fn=init_fn, loss_fn=loss_fn, optimizer=optax.adam(args.lr),
                 key=jax.random.key(group[0]), restarts=args.restarts if len(group) == 1 else len(group),
                 batch_size=args.batch_size, epochs=args.epochs, eval_every=max(1, args.epochs // 10),
                 test_data=x_test[:2000], eval_loss_fn=eval_loss(model), progress=args.progress,
@@ -188,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     [jax.tree.map(lambda a, i=i: a[i], sel["all_params"]) for i in range(len(group))])
             for seed, params in zip(group, each):
                 rec = finish(params, seed=seed, x_train=x_train, x_test=x_test, y_test=y_test, out=out)
-                rec.update(seconds=seconds, epochs=history[-1]["epoch"], trained_with_seeds=group)
+                rec.update(seconds=seconds, epochs=history[-1]["epoch"], trained_with_seeds=group, **pre)
                 if len(group) == 1:
                     rec["final"] = {kk: v for kk, v in history[-1].items() if kk.startswith(("train_", "test_"))}
                 runs = sorted(runs + [rec], key=lambda r: r["seed"])

@@ -147,13 +147,16 @@ def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
     script = _load("mnist_gmvae")
     common = ["--data-dir", root, "--clusters", "3", "--epochs", "2", "--batch-size", "100", "--hidden", "16,8",
               "--prior-hidden", "8", "--local-dim", "4", "--global-dim", "3", "--max-train", "300", "--max-test", "200", "--no-progress",
-              "--out", str(out), "--checkpoint-dir", str(ckpt)]
+              "--pretrain-epochs", "2", "--out", str(out), "--checkpoint-dir", str(ckpt)]
     assert script.main(common + ["--seeds", "1"]) == 0
     first = json.loads(out.read_text())["runs"]["3"]
     assert [r["seed"] for r in first] == [0] and first[0]["epochs"] == 2
     assert 1 <= first[0]["clusters_used"] <= 3 and 0.0 <= first[0]["nmi"] <= 1.0
     assert 1 <= first[0]["final"]["test_clusters_used"] <= 3  # the label-free collapse check of each evaluation
     assert first[0]["accuracy_many_to_one"] >= first[0]["accuracy_hungarian"] - 1e-9  # many-to-one is the looser
+    # the default recipe starts from a pretrained autoencoder and a mixture fitted to its latents, scored too
+    assert json.loads(out.read_text())["config"]["init"] == "pretrain"
+    assert 0.0 <= first[0]["at_init"]["accuracy_many_to_one"] <= 1.0 and first[0]["pretrain_loss"] > 0
     assert (ckpt / "K3_seed0").is_dir()
     assert (tmp_path / "mnist_gmvae_K3_seed0_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert script.main(common + ["--seeds", "2", "--resume"]) == 0
@@ -167,8 +170,11 @@ def test_mnist_gmvae_tiny_run_resume_and_baselines(tmp_path):
     with pytest.raises(SystemExit, match="different setting"):
         script.main(common + ["--seeds", "2", "--resume", "--epochs", "3"])
     # A new setting without --resume starts the runs afresh and keeps the baselines (they do not depend on it).
-    assert script.main(common + ["--seeds", "1", "--epochs", "1", "--cluster-gradient", "elbo",
+    with pytest.raises(SystemExit):  # pretrained inits are not vmapped restarts
+        script.main(common + ["--seeds", "2", "--parallel-seeds", "--out", str(tmp_path / "other.json")])
+    assert script.main(common + ["--seeds", "1", "--epochs", "1", "--recipe", "paper", "--cluster-gradient", "elbo",
                                  "--no-batch-norm", "--checkpoint-dir", str(tmp_path / "ckpt2")]) == 0
     res = json.loads(out.read_text())
     assert [r["epochs"] for r in res["runs"]["3"]] == [1] and res["baselines"]["3"] == second_baselines
     assert res["config"]["cluster_gradient"] == "elbo" and res["config"]["batch_norm"] is False
+    assert res["config"]["init"] == "random" and "at_init" not in res["runs"]["3"][0]

@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from dlvm_jax import data, metrics
-from dlvm_jax.models.gmvae import GMVAE, GMVAEConfig, make_gmvae_loss
+from dlvm_jax.models.gmvae import (GMVAE, GMVAEConfig, make_gmvae_loss, make_gmvae_pretrain_loss,
+                                   pretrained_init)
 from dlvm_jax.train import init_state, make_epoch, make_train_step
 
 
@@ -298,3 +299,53 @@ def test_restarts_of_a_batch_normalised_gmvae_are_scored(bn_model_and_params):
                              select="log_px", keep_all=True)
     assert all(np.isfinite(v) and v < 0 for v in sel["train_log_px"])
     assert jax.tree.leaves(sel["all_params"])[0].shape[0] == 2
+
+
+@pytest.mark.parametrize("scale", ["softplus", "log_var"])
+def test_init_prior_sets_every_w_to_the_given_components(scale):
+    model = GMVAE(GMVAEConfig(clusters=3, local_dim=2, global_dim=2, hidden=(8,), prior_hidden=(8, 6), scale=scale))
+    params = model.init(jax.random.key(0))
+    means = np.array([[0.0, 1.0], [-2.0, 3.0], [5.0, -1.0]])
+    variances = np.array([[0.5, 2.0], [1e-2, 1.0], [4.0, 30.0]])
+    p = model.init_prior(params, means, variances)
+    w = jax.random.normal(jax.random.key(1), (5, 2)) * 3.0
+    loc, std = model.conditional_prior(p, w)
+    np.testing.assert_allclose(np.asarray(loc), np.broadcast_to(means, (5, 3, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(std), np.broadcast_to(np.sqrt(variances), (5, 3, 2)), rtol=1e-5)
+    assert p["encoder"] is params["encoder"] and not np.allclose(np.asarray(model.conditional_prior(params, w)[0]),
+                                                                 means)
+    with pytest.raises(ValueError, match="shape"):
+        model.init_prior(params, means[:2], variances[:2])
+    with pytest.raises(ValueError, match="> 0"):
+        model.init_prior(params, means, -variances)
+
+
+def test_pretrain_loss_is_the_autoencoder_reconstruction(bn_model_and_params):
+    model, params = bn_model_and_params
+    x = (jax.random.uniform(jax.random.key(6), (16, 6)) > 0.5).astype(jnp.float32)
+    loss, m = make_gmvae_pretrain_loss(model)(params, x, jax.random.key(0), 0)
+    p = model.with_stats(params, x)
+    out = model.encoder.apply({"params": p["encoder"]}, x, p["encoder_stats"])
+    l_mean = np.asarray(out)[:, 4:6]  # [w loc, w scale, l loc, l scale], 2 each
+    logits = np.asarray(model.decoder.apply({"params": params["decoder"]}, jnp.asarray(l_mean)))
+    log_lik = np.sum(np.asarray(x) * logits - np.logaddexp(0.0, logits), axis=-1)
+    np.testing.assert_allclose(float(loss), -log_lik.mean(), rtol=1e-5)
+    g = jax.grad(lambda q: make_gmvae_pretrain_loss(model)(q, x, jax.random.key(0), 0)[0])(params)
+    assert not np.any(_flat(g["prior"]))  # only the autoencoder learns
+
+
+def test_pretrained_init_finds_separated_clusters():
+    """Three well-separated blobs: the pretrained GMVAE's clusters are the blobs, and its cluster posterior agrees
+    with the mixture fitted to the pretrained latents."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 0, 4.0]])
+    y = np.repeat(np.arange(3), 100)
+    x = jnp.asarray(centres[y] + 0.3 * rng.standard_normal((300, 4)), jnp.float32)
+    model = GMVAE(GMVAEConfig(data_shape=(4,), clusters=3, local_dim=2, global_dim=2, hidden=(32,),
+                              prior_hidden=(8,)))
+    params, info = pretrained_init(model, x, jax.random.key(0), epochs=30, batch_size=50, learning_rate=1e-2)
+    assert metrics.hungarian_accuracy(y, info["assignments"]) > 0.97
+    pred = np.asarray(model.predict(params, x))
+    assert np.mean(pred == info["assignments"]) > 0.95
+    with pytest.raises(ValueError, match="epochs"):
+        pretrained_init(model, x, jax.random.key(0), epochs=0)

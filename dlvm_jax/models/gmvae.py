@@ -153,6 +153,33 @@ class GMVAE:
         loc, raw = jnp.split(out, 2, axis=-1)
         return loc, self._std(raw)
 
+    def init_prior(self, params: Params, means: jax.Array, variances: jax.Array) -> Params:
+        """``params`` with the prior network's output layer set so that p(l | w, z=k) = N(means[k], diag
+        variances[k]) for every w: its kernel zeroed (w's influence is then learned from there) and its bias set.
+        ``means`` and ``variances`` have shape (K, local_dim), e.g. a Gaussian mixture fitted to the encoder's
+        posterior means (:func:`pretrained_init`)."""
+        c = self.config
+        means, variances = jnp.asarray(means, jnp.float32), jnp.asarray(variances, jnp.float32)
+        for name, a in (("means", means), ("variances", variances)):
+            if a.shape != (c.clusters, c.local_dim):
+                raise ValueError(f"{name} must have shape (clusters, local_dim) = {(c.clusters, c.local_dim)}, "
+                                 f"got {a.shape}")
+        if not bool(jnp.all(variances > 0)):
+            raise ValueError("variances must be > 0")
+        std = jnp.sqrt(variances)
+        if c.scale == "log_var":
+            raw = jnp.log(variances)
+        else:  # softplus(raw) + MIN_SCALE = std
+            if not bool(jnp.all(std > dists.MIN_SCALE)):
+                raise ValueError(f"standard deviations must exceed {dists.MIN_SCALE} with scale='softplus'")
+            t = std - dists.MIN_SCALE
+            raw = t + jnp.log(-jnp.expm1(-t))  # the inverse of softplus, stable for large t
+        prior = dict(params["prior"])
+        last = f"Dense_{len(c.prior_hidden)}"
+        prior[last] = {"kernel": jnp.zeros_like(prior[last]["kernel"]),
+                       "bias": jnp.concatenate([means, raw], axis=-1).reshape(-1)}
+        return {**params, "prior": prior}
+
     def log_pi(self) -> jax.Array:
         k = self.config.clusters
         return jnp.full((k,), -math.log(k))
@@ -294,3 +321,55 @@ def make_gmvae_loss(model: GMVAE, *, num_samples: int = 1, free_bits: float = 0.
         return loss, {**means, "loss": loss}
 
     return loss_fn
+
+
+def make_gmvae_pretrain_loss(model: GMVAE) -> LossFn:
+    """Batch loss of the autoencoder inside a GMVAE: ``-mean log p(x | l = E q(l | x))``, the encoder's l-means
+    decoded deterministically (the autoencoder pretraining of VaDE and DEC). Only the encoder and the decoder get
+    gradients; it prepares :func:`pretrained_init`."""
+
+    def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
+        del key, step
+        params = model.with_stats(params, batch)
+        rec = jnp.mean(jax.vmap(lambda x: model.decode(params, model.encode(params, x)[1].mean()).log_prob(x))(batch))
+        return -rec, {"loss": -rec, "rec": rec}
+
+    return loss_fn
+
+
+def pretrained_init(model: GMVAE, data: jax.Array, key: jax.Array, *, epochs: int = 20, batch_size: int = 100,
+                    learning_rate: float = 1e-3, progress: bool = False) -> tuple[Params, dict[str, Any]]:
+    """GMVAE parameters from autoencoder pretraining and a Gaussian mixture (VaDE-style initialisation).
+
+    1. Train the encoder's l-means and the decoder as an autoencoder (:func:`make_gmvae_pretrain_loss`, Adam,
+       ``epochs`` passes over ``data``).
+    2. Fit a K-component diagonal Gaussian mixture (scikit-learn) to the posterior means of l over ``data``.
+    3. Set p(l | w, z=k) to its k-th component for every w (:meth:`GMVAE.init_prior`).
+
+    Returns ``(params, info)``; ``info`` holds the pretraining loss, the mixture and the training points'
+    mixture assignments (``"assignments"``), against which the GMVAE's own clusters can be compared."""
+    import numpy as np
+    import optax
+    from sklearn.mixture import GaussianMixture
+
+    from dlvm_jax.train import fit, init_state
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    k_init, k_fit, k_gmm = jax.random.split(key, 3)
+    optimizer = optax.adam(learning_rate)
+    state = init_state(model.init(k_init), optimizer, k_fit)
+    state, history = fit(state, data, loss_fn=make_gmvae_pretrain_loss(model), optimizer=optimizer,
+                         batch_size=batch_size, epochs=epochs, eval_every=epochs, progress=progress)
+    params = state.params
+
+    # a batch-normalised encoder is normalised with the statistics of all of ``data``
+    params_stats = jax.jit(model.with_stats)(params, data)
+    l_means = jax.jit(jax.vmap(lambda x: model.encode(params_stats, x)[1].mean()))
+    latents = np.concatenate([np.asarray(l_means(data[i:i + 10_000])) for i in range(0, data.shape[0], 10_000)])
+    mixture = GaussianMixture(model.config.clusters, covariance_type="diag", reg_covar=1e-4,
+                              random_state=int(jax.random.randint(k_gmm, (), 0, 2**31 - 1)))
+    assignments = mixture.fit_predict(latents)
+    params = model.init_prior(params, mixture.means_, mixture.covariances_)
+    return params, {"pretrain_loss": history[-1].get("train_loss"), "mixture": mixture,
+                    "assignments": assignments.astype(np.int32)}
