@@ -114,7 +114,7 @@ def mnist_gmvae_table(res: dict) -> str:
         label = {"paper": "paper code's setting", "pretrained": "pretrained init"}.get(recipe, recipe)
         at_init = [r["at_init"] for r in runs if "at_init" in r]
         for name, recs in ((f"GMVAE (ours, {label}, M=1{budget})", runs),
-                           *(((f"its pretrained init (autoencoder + GMM, {len(at_init)} runs)", at_init),)
+                           *((("its init alone (autoencoder + GMM on its latents)", at_init),)
                              if at_init else ()),
                            *((f"{b} on raw pixels", v) for b, v in res.get("baselines", {}).get(k, {}).items())):
             if recs:
