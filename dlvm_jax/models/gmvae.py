@@ -337,7 +337,7 @@ def make_gmvae_pretrain_loss(model: GMVAE) -> LossFn:
     return loss_fn
 
 
-def pretrained_init(model: GMVAE, data: jax.Array, key: jax.Array, *, epochs: int = 20, batch_size: int = 100,
+def pretrained_init(model: GMVAE, data: jax.Array, key: jax.Array, *, epochs: int = 60, batch_size: int = 100,
                     learning_rate: float = 1e-3, progress: bool = False) -> tuple[Params, dict[str, Any]]:
     """GMVAE parameters from autoencoder pretraining and a Gaussian mixture (VaDE-style initialisation).
 
