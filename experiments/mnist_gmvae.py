@@ -63,9 +63,9 @@ PAPER = {10: {"M=1": "77.78 +- 5.75 (87.31)", "M=10": "82.31 +- 3.75 (88.54)"},
 #: :func:`dlvm_jax.models.gmvae.pretrained_init`) and trained with the ELBO's own gradient.
 RECIPES = {
     "paper": {"init": "random", "local_dim": 200, "global_dim": 150, "cluster_gradient": "paper", "epochs": 100,
-              "lr": 1e-4, "pretrain_epochs": 0},
+              "pretrain_epochs": 0},
     "pretrained": {"init": "pretrain", "local_dim": 10, "global_dim": 10, "cluster_gradient": "elbo", "epochs": 30,
-                   "lr": 1e-4, "pretrain_epochs": 60},
+                   "pretrain_epochs": 60},
 }
 
 
@@ -94,14 +94,18 @@ def eval_loss(model: GMVAE):
 
 def make_finisher(model: GMVAE):
     """``finish(params, seed=..., x_train=..., x_test=..., y_test=..., out=...)``: score one trained GMVAE on the
-    test set and draw its samples-per-cluster figure (jitted once per model, shared by its seeds)."""
+    test set and draw its samples-per-cluster figure (jitted once per model, shared by its seeds);
+    ``finish.predict(params, x_train, x_test)`` gives the clusters alone."""
     k = model.config.clusters
     with_stats, predict = jax.jit(model.with_stats), jax.jit(model.predict)
     sample_clusters = jax.jit(model.sample_clusters, static_argnums=2)
 
+    def assign(params, x_train, x_test) -> np.ndarray:
+        """Clusters of ``x_test`` (a batch-normalised encoder is normalised with the training set's statistics)."""
+        return np.asarray(predict(with_stats(params, x_train), x_test))
+
     def finish(params, *, seed: int, x_train, x_test, y_test, out: Path) -> dict:
-        # a batch-normalised encoder is normalised with the training set's statistics
-        pred = np.asarray(predict(with_stats(params, x_train), x_test))
+        pred = assign(params, x_train, x_test)
         samples = np.asarray(sample_clusters(params, jax.random.key(1000 + seed), 10))  # (K, 10, 784)
         labels = [f"{c}: {np.bincount(y_test[pred == c], minlength=10).argmax()}" if np.any(pred == c)
                   else f"{c}: -" for c in range(k)]  # cluster: its most frequent test digit
@@ -114,7 +118,7 @@ def make_finisher(model: GMVAE):
               flush=True)
         return rec
 
-    finish.predict = lambda params, x_train, x_test: np.asarray(predict(with_stats(params, x_train), x_test))
+    finish.predict = assign
     return finish
 
 
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--hidden", default="500,500", help="encoder widths (the decoder mirrors them), comma-separated")
     ap.add_argument("--prior-hidden", default="500", help="the prior network's widths, comma-separated")
     ap.add_argument("--prior-activation", default="tanh")

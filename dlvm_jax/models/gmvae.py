@@ -166,10 +166,10 @@ class GMVAE:
                                  f"got {a.shape}")
         if not bool(jnp.all(variances > 0)):
             raise ValueError("variances must be > 0")
-        std = jnp.sqrt(variances)
         if c.scale == "log_var":
             raw = jnp.log(variances)
         else:  # softplus(raw) + MIN_SCALE = std
+            std = jnp.sqrt(variances)
             if not bool(jnp.all(std > dists.MIN_SCALE)):
                 raise ValueError(f"standard deviations must exceed {dists.MIN_SCALE} with scale='softplus'")
             t = std - dists.MIN_SCALE
@@ -365,8 +365,9 @@ def pretrained_init(model: GMVAE, data: jax.Array, key: jax.Array, *, epochs: in
 
     # a batch-normalised encoder is normalised with the statistics of all of ``data``
     params_stats = jax.jit(model.with_stats)(params, data)
-    l_means = jax.jit(jax.vmap(lambda x: model.encode(params_stats, x)[1].mean()))
-    latents = np.concatenate([np.asarray(l_means(data[i:i + 10_000])) for i in range(0, data.shape[0], 10_000)])
+    l_means = jax.jit(jax.vmap(lambda p, x: model.encode(p, x)[1].mean(), in_axes=(None, 0)))
+    latents = np.concatenate([np.asarray(l_means(params_stats, data[i:i + 10_000]))
+                              for i in range(0, data.shape[0], 10_000)])
     mixture = GaussianMixture(model.config.clusters, covariance_type="diag", reg_covar=1e-4,
                               random_state=int(jax.random.randint(k_gmm, (), 0, 2**31 - 1)))
     assignments = mixture.fit_predict(latents)
