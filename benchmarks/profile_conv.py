@@ -1,11 +1,13 @@
 """Layer by layer: the conv VAE's convolutions in JAX (XLA:CPU) and PyTorch (oneDNN), forward and forward+backward.
 
-    python -m benchmarks.profile_conv [--batch 100] [--out benchmarks/results/profile_conv.json]
+    python -m benchmarks.profile_conv [--batch 100] [--decoder-rows 1000] [--out benchmarks/results/profile_conv.json]
 
-Each layer of the conv VAE (dlvm_jax.networks.ConvEncoder / ConvDecoder, with the decoder's transposed
-convolution as dlvm_jax computes it, ``ConvTranspose2x``) runs on a batch of random inputs: the forward pass, and
-the gradient of sum(output^2) with respect to the weights and (except for the first layer) the input. Best of 5,
-in milliseconds.
+Each layer of the conv VAE (dlvm_jax.networks.ConvEncoder / ConvDecoder) runs on a batch of random inputs: the
+forward pass, and the gradient of sum(output^2) with respect to the weights and (except for the first layer) the
+input. The decoder's two layers run in both of the library's formulations: XLA's convolutions differentiated by
+XLA (``ConvDecoder(convs="xla")``) and the tap-map forms (``TapConv``, ``transpose2x``'s backward, the default).
+The last rows time the whole decoder the way the ELBO/IWAE loss runs it, vmapped over examples with
+``--decoder-rows`` / 100 latent samples each (the M=10 train step), in both formulations. Best of 5, milliseconds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def best_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_conv", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--decoder-rows", type=int, default=1000, help="rows through the vmapped decoder (1000)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import machine
     from benchmarks.worker import cores
-    from dlvm_jax.networks import ConvTranspose2x
+    from dlvm_jax.networks import ConvDecoder, ConvTranspose2x, TapConv
 
     torch.set_num_threads(cores())
     b = args.batch
@@ -57,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
          torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), (b, 32, 28, 28), True),
         ("conv 64->64, 14x14", nn.Conv(64, (3, 3), padding="SAME"), (b, 14, 14, 64),
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
-        ("transposed conv 64->32, stride 2", ConvTranspose2x(32), (b, 14, 14, 64),
+        ("transposed conv 64->32, stride 2 (XLA)", ConvTranspose2x(32, tap_backward=False), (b, 14, 14, 64),
          torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),
-        ("conv 32->1, 28x28", nn.Conv(1, (3, 3), padding="SAME"), (b, 28, 28, 32),
+        ("transposed conv 64->32, stride 2 (taps)", ConvTranspose2x(32), (b, 14, 14, 64),
+         torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),
+        ("conv 32->1, 28x28 (XLA)", nn.Conv(1, (3, 3), padding="SAME"), (b, 28, 28, 32),
+         torch.nn.Conv2d(32, 1, 3, padding=1), (b, 32, 28, 28), True),
+        ("conv 32->1, 28x28 (taps)", TapConv(1), (b, 28, 28, 32),
          torch.nn.Conv2d(32, 1, 3, padding=1), (b, 32, 28, 28), True),
     ]
     rows = []
@@ -82,7 +89,35 @@ def main(argv: list[str] | None = None) -> int:
                "torch_forward_ms": best_ms(lambda: tl(xt)),
                "torch_forward_backward_ms": best_ms(torch_grad)}
         rows.append(row)
-        print(f"{name:<34} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
+        print(f"{name:<42} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
+              f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
+
+    # The whole decoder as the loss runs it: per example, vmapped over 100 examples of rows / 100 samples each.
+    from benchmarks.torch_models import ConvDecoder as TorchDecoder
+
+    rows_n = args.decoder_rows
+    z = jax.random.normal(jax.random.key(0), (100, rows_n // 100, 2))
+    zt = torch.randn(100 * (rows_n // 100), 2, requires_grad=True)
+    torch_decoder = TorchDecoder(2, 1)
+
+    def torch_decoder_grad() -> None:
+        torch_decoder.zero_grad()
+        torch_decoder(zt).square().sum().backward()
+
+    for convs in ("xla", "taps"):
+        decoder = ConvDecoder(1, convs=convs)
+        params = decoder.init(jax.random.key(1), z[0])
+        fwd = jax.jit(jax.vmap(decoder.apply, in_axes=(None, 0)))
+        grad = jax.jit(jax.grad(lambda p, z, d=decoder: jnp.sum(jnp.square(jax.vmap(d.apply, in_axes=(None, 0))(p, z))),
+                                argnums=(0, 1)))
+        name = f"decoder, vmapped 100 x {rows_n // 100} ({convs})"
+        row = {"layer": name, "rows": 100 * (rows_n // 100),
+               "jax_forward_ms": best_ms(lambda: fwd(params, z).block_until_ready()),
+               "jax_forward_backward_ms": best_ms(lambda: jax.block_until_ready(grad(params, z))),
+               "torch_forward_ms": best_ms(lambda: torch_decoder(zt)),
+               "torch_forward_backward_ms": best_ms(torch_decoder_grad)}
+        rows.append(row)
+        print(f"{name:<42} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
               f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
     result = {"machine": {**machine(), "load_average": [round(v, 2) for v in os.getloadavg()]}, "batch": b,
               "layers": rows}

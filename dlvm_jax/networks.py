@@ -186,55 +186,194 @@ class ConvEncoder(nn.Module):
         return nn.Dense(self.out)(h).reshape(lead + (self.out,))
 
 
+# Convolutions as matmuls onto "tap maps". XLA's CPU backend runs some of the conv VAE's convolutions far below the
+# matmul rate (one output channel; the weight gradient of the decoder's transposed convolution). There, every
+# input pixel is multiplied by all nine taps of the 3x3 kernel in one (pixels, C) @ (C, 9 F) matmul, and the output
+# is a sum of shifted slices of those maps; the backward pass is the same two matmuls transposed, with the output
+# gradient shifted into "tap map" form. The backward passes are written out (custom VJPs) and their matmuls fold any
+# vmapped axes into the pixel axis (custom vmap rules): differentiating the slicing would leave XLA nine unfused
+# pads of the maps, and a vmapped weight gradient would be a batch of small matmuls, one per example.
+
+
+def _taps_matrix(kernel: jax.Array) -> jax.Array:
+    """(3, 3, C, F) kernel -> (C, 9 F), columns ordered (r, s, f)."""
+    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(kernel.shape[2], -1)
+
+
+def _tap_maps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(n, H, W, C) and a (3, 3, C, F) kernel -> (n, H, W, 3, 3, F): every pixel times every tap of the kernel."""
+    n, height, width, channels = x.shape
+    return (x.reshape(-1, channels) @ _taps_matrix(kernel)).reshape(n, height, width, 3, 3, kernel.shape[-1])
+
+
+def _taps_pullback(x: jax.Array, kernel: jax.Array, dmaps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradients of :func:`_tap_maps` with respect to ``x`` and ``kernel``, given the maps' (n, H, W, 9, F)."""
+    channels, features = x.shape[-1], kernel.shape[-1]
+    dmaps = dmaps.reshape(-1, 9 * features)
+    dx = (dmaps @ _taps_matrix(kernel).T).reshape(x.shape)
+    dkernel = (x.reshape(-1, channels).T @ dmaps).reshape(channels, 3, 3, features)
+    return dx, jnp.transpose(dkernel, (1, 2, 0, 3))
+
+
+def _fold_vmapped_axes(pullback: Callable) -> Callable:
+    """``pullback(x, kernel, g) -> (dx, dkernel)``, where ``x`` and ``g`` lead with the example axis, with a vmap rule
+    that folds a vmapped axis into the example axis and returns one kernel gradient (the sum over the vmapped axis)
+    from one large matmul. A vmapped kernel falls back to plain vmap. Not differentiable (a backward pass)."""
+    folded = jax.custom_batching.custom_vmap(pullback)
+
+    @folded.def_vmap
+    def rule(axis_size: int, in_batched: Sequence[bool], x: jax.Array, kernel: jax.Array, g: jax.Array):
+        x_batched, kernel_batched, g_batched = in_batched
+        if kernel_batched:
+            axes = (0 if x_batched else None, 0, 0 if g_batched else None)
+            return jax.vmap(pullback, in_axes=axes)(x, kernel, g), (True, True)
+        x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+        g = g if g_batched else jnp.broadcast_to(g, (axis_size,) + g.shape)
+        dx, dkernel = folded(x.reshape((-1,) + x.shape[2:]), kernel, g.reshape((-1,) + g.shape[2:]))
+        return (dx.reshape(x.shape), dkernel), (True, False)
+
+    return folded
+
+
+def _conv3x3_by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    height, width = x.shape[1:3]
+    maps = jnp.pad(_tap_maps(x, kernel), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    return functools.reduce(jnp.add, [maps[:, r:r + height, s:s + width, r, s] for r in range(3) for s in range(3)])
+
+
+@_fold_vmapped_axes
+def _conv3x3_pullback(x: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # y[i, j] gathers map (r, s) of pixel (i + r - 1, j + s - 1), so map (r, s) of pixel (i, j) receives
+    # g[i - r + 1, j - s + 1] (zero outside the image).
+    height, width = x.shape[1:3]
+    padded = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dmaps = jnp.stack([padded[:, 2 - r:2 - r + height, 2 - s:2 - s + width] for r in range(3) for s in range(3)],
+                      axis=3)
+    return _taps_pullback(x, kernel, dmaps)
+
+
+@jax.custom_vjp
+def conv3x3_by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3, stride-1, "SAME" convolution of ``nn.Conv`` (cross-correlation, NHWC, HWIO kernel, no bias) as one
+    matmul onto the nine taps' maps and nine shifted adds: y[i, j] = sum_{r,s} x[i + r - 1, j + s - 1] k[r, s].
+
+    For layers with few output channels, where a convolution kernel has little to vectorise over: XLA's CPU
+    convolution with one output channel (the conv VAE's last layer, 32 -> 1 at 28x28) runs several times slower,
+    forward and backward (``python -m benchmarks.profile_conv``). The maps cost 9 floats per output channel and
+    pixel, so this pays only while the output channels are few."""
+    return _conv3x3_by_taps(x, kernel)
+
+
+conv3x3_by_taps.defvjp(lambda x, kernel: (_conv3x3_by_taps(x, kernel), (x, kernel)),
+                       lambda res, g: _conv3x3_pullback(*res, g))
+
+
+class TapConv(nn.Module):
+    """``nn.Conv(features, (3, 3), padding="SAME")`` (same parameters, names and initialisation) computed by
+    :func:`conv3x3_by_taps`; for layers with a few output channels."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return conv3x3_by_taps(x, kernel) + bias
+
+
 # For output phase a (row parity) and kernel offset r over the input padded by one zero row on top, the tap of the
 # 3x3 kernel that a stride-2 "SAME" transposed convolution applies; 3 stands for a zero tap.
 _PHASE_TAPS = np.array([[0, 2], [3, 1]])
 
 
-class ConvTranspose2x(nn.Module):
-    """The 3x3, stride-2, "SAME" transposed convolution of ``nn.ConvTranspose``, with the same parameters and
-    outputs, computed as one 2x2 convolution with 4x the output channels followed by depth-to-space.
+def _transpose2x_by_phases(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    n, height, width, channels = h.shape
+    features = kernel.shape[-1]
+    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    rows = _PHASE_TAPS.T[:, None, :, None]
+    cols = _PHASE_TAPS.T[None, :, None, :]
+    phase_kernel = padded[rows, cols]  # (r, s, a, b, C, F)
+    phase_kernel = jnp.transpose(phase_kernel, (0, 1, 4, 2, 3, 5)).reshape(2, 2, channels, 4 * features)
+    y = jax.lax.conv_general_dilated(
+        jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), phase_kernel, (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    y = y.reshape(n, height, width, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, 2 * height, 2 * width, features)
 
-    Output pixel (2i + a, 2j + b) only sees input pixels i-1..i and j-1..j through fixed taps of the kernel, so the
-    four output phases are a 2x2 convolution with a kernel gathered from the 3x3 one. This skips the products with
-    the zeros that the dilated form inserts (2.25x fewer multiplies here); on XLA's CPU backend its gradient runs
-    several times faster than ``nn.ConvTranspose``'s. tests/test_models.py checks outputs and gradients against it."""
+
+@_fold_vmapped_axes
+def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Output (2i + a, 2j + b) sums map (r, s) of input pixel (i - [r == 0], j - [s == 0]) over r in {0, 2} if
+    # a == 0 else {1}, and s likewise with b; so map (r, s) of pixel (i, j) receives that phase's gradient at
+    # (i + [r == 0], j + [s == 0]) (zero past the last row or column).
+    n, height, width, _ = h.shape
+    phases = g.reshape(n, height, 2, width, 2, g.shape[-1])
+
+    def received(r: int, s: int) -> jax.Array:
+        di, dj = int(r == 0), int(s == 0)
+        phase = phases[:, di:, int(r == 1), dj:, int(s == 1)]
+        return jnp.pad(phase, ((0, 0), (0, di), (0, dj), (0, 0)))
+
+    return _taps_pullback(h, kernel, jnp.stack([received(r, s) for r in range(3) for s in range(3)], axis=3))
+
+
+@jax.custom_vjp
+def transpose2x(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3, stride-2, "SAME" transposed convolution of ``nn.ConvTranspose`` (NHWC input, HWIO kernel, no bias).
+
+    Forward: output pixel (2i + a, 2j + b) only sees input pixels i-1..i and j-1..j through fixed taps of the
+    kernel, so the four output phases are one 2x2 convolution with 4x the output channels (a kernel gathered from
+    the 3x3 one) followed by depth-to-space; this skips the products with the zeros that the dilated form inserts.
+    Backward: the two matmuls of the tap-map form (see above), instead of the phase convolution's gradients, which
+    XLA's CPU backend runs several times slower (``python -m benchmarks.profile_conv``)."""
+    return _transpose2x_by_phases(h, kernel)
+
+
+transpose2x.defvjp(lambda h, kernel: (_transpose2x_by_phases(h, kernel), (h, kernel)),
+                   lambda res, g: _transpose2x_pullback(*res, g))
+
+
+class ConvTranspose2x(nn.Module):
+    """``nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME")``: the same parameters and outputs,
+    computed by :func:`transpose2x` (``tap_backward=False``: its phase convolution, differentiated by XLA).
+    tests/test_models.py checks outputs and gradients against flax's layer."""
 
     features: int
+    tap_backward: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        n, height, width, channels = h.shape
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, h.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-        rows = _PHASE_TAPS.T[:, None, :, None]
-        cols = _PHASE_TAPS.T[None, :, None, :]
-        phase_kernel = padded[rows, cols]  # (r, s, a, b, C, F)
-        phase_kernel = jnp.transpose(phase_kernel, (0, 1, 4, 2, 3, 5)).reshape(2, 2, channels, 4 * self.features)
-        y = jax.lax.conv_general_dilated(
-            jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), phase_kernel, (1, 1), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        y = y.reshape(n, height, width, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-        return y.reshape(n, 2 * height, 2 * width, self.features) + bias
+        return (transpose2x if self.tap_backward else _transpose2x_by_phases)(h, kernel) + bias
 
 
 class ConvDecoder(nn.Module):
     """Convolutional decoder to 28x28 images: dense 14x14x64, transposed conv 32 (stride 2) to 28x28, then a
     3x3 conv to ``channels_out`` output maps (1 for Bernoulli logits, 2 for a Gaussian's mean and scale).
-    Returns flat outputs of size 784 * ``channels_out`` (channel-major), as :mod:`distributions` expects."""
+    Returns flat outputs of size 784 * ``channels_out`` (channel-major), as :mod:`distributions` expects.
+
+    ``convs="taps"`` (default) computes the last convolution and the transposed convolution's backward pass in
+    tap-map form (:class:`TapConv`, :func:`transpose2x`), measured faster on XLA's CPU backend; ``convs="xla"``
+    leaves both to XLA's convolutions (and their autodiff), e.g. to compare on a GPU. Same parameters and function
+    either way."""
 
     channels_out: int = 1
     activation: str = "relu"
+    convs: str = "taps"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
+        if self.convs not in ("taps", "xla"):
+            raise ValueError(f"ConvDecoder convs must be 'taps' or 'xla', got {self.convs!r}")
+        taps = self.convs == "taps"
         act = get_activation(self.activation)
         lead = z.shape[:-1]
         h = act(dense(14 * 14 * 64, z.shape[-1])(z.reshape((-1, z.shape[-1]))))
         h = h.reshape((-1, 14, 14, 64))
-        h = act(ConvTranspose2x(32, name="ConvTranspose_0")(h))
-        h = nn.Conv(self.channels_out, (3, 3), padding="SAME")(h)  # (n, 28, 28, C)
+        h = act(ConvTranspose2x(32, tap_backward=taps, name="ConvTranspose_0")(h))
+        last = TapConv if taps else functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME")
+        h = last(self.channels_out, name="Conv_0")(h)  # (n, 28, 28, C), nn.Conv's parameters either way
         h = jnp.moveaxis(h, -1, 1)  # channel-major so that a Gaussian's [loc, scale] split is contiguous
         return h.reshape(lead + (-1,))

@@ -197,8 +197,9 @@ def test_mlp_handles_leading_axes():
     np.testing.assert_allclose(out[1, 2], jax.jit(mlp.apply)(params, x[1, 2]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tap_backward", [True, False])
 @pytest.mark.parametrize("size", [(3, 14, 14, 5), (2, 7, 9, 4)])
-def test_conv_transpose_2x_equals_flax_conv_transpose(size):
+def test_conv_transpose_2x_equals_flax_conv_transpose(size, tap_backward):
     """The phase-decomposed stride-2 transposed conv of the decoder computes nn.ConvTranspose's function with the
     same parameters: outputs and parameter gradients agree to float32 rounding."""
     import flax.linen as nn
@@ -209,16 +210,46 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(size):
     reference = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="SAME")
     params = reference.init(jax.random.key(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    ours = ConvTranspose2x(6)
+    ours = ConvTranspose2x(6, tap_backward=tap_backward)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
     want, got = reference.apply(params, x), ours.apply(params, x)
     assert got.shape == (size[0], 2 * size[1], 2 * size[2], 6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
     def loss(module):
-        return lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
 
-    g_want, g_got = jax.grad(loss(reference))(params), jax.grad(loss(ours))(params)
+    # Gradients with respect to the parameters and the input: the backward pass is a different formulation
+    # (transpose2x's custom VJP), so both must be checked.
+    g_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+    g_got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    assert g_got[1].shape == x.shape
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,features", [((3, 28, 28, 5), 1), ((2, 7, 9, 4), 3)])
+def test_tap_conv_equals_flax_conv(size, features):
+    """TapConv (a 3x3 conv as one matmul onto the taps' maps and shifted adds) is nn.Conv(features, (3, 3),
+    padding="SAME"): same parameter tree and initial values, outputs and gradients (parameters and input)."""
+    import flax.linen as nn
+
+    from dlvm_jax.networks import TapConv
+
+    x = jax.random.normal(jax.random.key(0), size)
+    reference = nn.Conv(features, (3, 3), padding="SAME")
+    params = reference.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(TapConv(features).init(jax.random.key(1), x), params)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+    want, got = reference.apply(params, x), TapConv(features).apply(params, x)
+    assert got.shape == size[:3] + (features,)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    g_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+    g_got = jax.grad(loss(TapConv(features)), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -248,3 +279,57 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
     chex.assert_trees_all_close(ga, gb, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Dense layer's contraction"):
         networks.few_inputs_dot(x, w0["kernel"], (((0,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x"])
+def test_tap_form_gradients_under_vmap(layer):
+    """The tap-form backward passes fold vmapped axes into the example axis (a custom vmap rule): gradients through
+    one and two levels of vmap, and with a vmapped kernel (the rule's fallback), equal the unbatched ones computed
+    by flax's own layers."""
+    import flax.linen as nn
+
+    from dlvm_jax.networks import conv3x3_by_taps, transpose2x
+
+    ours = conv3x3_by_taps if layer == "tap_conv" else transpose2x
+    features = 2 if layer == "tap_conv" else 3
+    reference = (nn.Conv(features, (3, 3), padding="SAME", use_bias=False) if layer == "tap_conv"
+                 else nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False))
+    x = jax.random.normal(jax.random.key(0), (4, 3, 2, 6, 5, 4))  # (outer vmap, inner vmap, n, H, W, C)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, features))
+
+    def ref_loss(k, x):  # all leading axes merged into one batch, through flax's layer
+        y = reference.apply({"params": {"kernel": k}}, x.reshape((-1,) + x.shape[-3:]))
+        return jnp.sum(jnp.sin(y))
+
+    def nested_loss(k, x):
+        return jnp.sum(jax.vmap(jax.vmap(lambda xi: jnp.sin(ours(xi, k))))(x))
+
+    want = jax.grad(ref_loss, argnums=(0, 1))(kernel, x)
+    got = jax.jit(jax.grad(nested_loss, argnums=(0, 1)))(kernel, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    # A kernel per example (the vmap rule's fallback): each example's gradient is the unbatched one.
+    kernels = jax.random.normal(jax.random.key(2), (4, 3, 3, 4, features))
+    per_example = jax.vmap(jax.grad(lambda k, xi: jnp.sum(jnp.sin(ours(xi, k))), argnums=(0, 1)))(kernels, x[:, 0])
+    for i in (0, 3):
+        want_i = jax.grad(ref_loss, argnums=(0, 1))(kernels[i], x[i, 0])
+        for a, b in zip(per_example, want_i):
+            np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_decoder_convs_options_agree():
+    """ConvDecoder(convs="taps") and convs="xla" share parameters and compute the same function and gradients;
+    an unknown option is refused."""
+    from dlvm_jax.networks import ConvDecoder
+
+    z = jax.random.normal(jax.random.key(0), (2, 3, 2))
+    taps, xla = ConvDecoder(2), ConvDecoder(2, convs="xla")
+    params = taps.init(jax.random.key(1), z)
+    chex.assert_trees_all_equal(xla.init(jax.random.key(1), z), params)
+    np.testing.assert_allclose(taps.apply(params, z), xla.apply(params, z), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, z))))(params) for m in (taps, xla)]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="convs"):
+        ConvDecoder(convs="cudnn").init(jax.random.key(1), z)
