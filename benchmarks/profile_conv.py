@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
          torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), (b, 32, 28, 28), True),
         ("conv 64->64, 14x14", nn.Conv(64, (3, 3), padding="SAME"), (b, 14, 14, 64),
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
-        ("transposed conv 64->32, stride 2 (XLA)", ConvTranspose2x(32, tap_backward=False), (b, 14, 14, 64),
+        ("transposed conv 64->32, stride 2 (XLA)", ConvTranspose2x(32, taps=False), (b, 14, 14, 64),
          torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),
         ("transposed conv 64->32, stride 2 (taps)", ConvTranspose2x(32), (b, 14, 14, 64),
          torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),

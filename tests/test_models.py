@@ -197,11 +197,11 @@ def test_mlp_handles_leading_axes():
     np.testing.assert_allclose(out[1, 2], jax.jit(mlp.apply)(params, x[1, 2]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tap_backward", [True, False])
+@pytest.mark.parametrize("taps", [True, False])
 @pytest.mark.parametrize("size", [(3, 14, 14, 5), (2, 7, 9, 4)])
-def test_conv_transpose_2x_equals_flax_conv_transpose(size, tap_backward):
-    """The phase-decomposed stride-2 transposed conv of the decoder computes nn.ConvTranspose's function with the
-    same parameters: outputs and parameter gradients agree to float32 rounding."""
+def test_conv_transpose_2x_equals_flax_conv_transpose(size, taps):
+    """The decoder's stride-2 transposed conv (tap-map form, or the phase convolution) computes nn.ConvTranspose's
+    function with the same parameters: outputs and gradients agree to float32 rounding."""
     import flax.linen as nn
 
     from dlvm_jax.networks import ConvTranspose2x
@@ -210,7 +210,7 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(size, tap_backward):
     reference = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="SAME")
     params = reference.init(jax.random.key(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    ours = ConvTranspose2x(6, tap_backward=tap_backward)
+    ours = ConvTranspose2x(6, taps=taps)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
     want, got = reference.apply(params, x), ours.apply(params, x)
     assert got.shape == (size[0], 2 * size[1], 2 * size[2], 6)
@@ -220,7 +220,7 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(size, tap_backward):
         return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
 
     # Gradients with respect to the parameters and the input: the backward pass is a different formulation
-    # (transpose2x's custom VJP), so both must be checked.
+    # (transpose2x and its custom VJP), so both must be checked.
     g_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
     g_got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
     assert g_got[1].shape == x.shape
