@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # "steps" dispatches one jitted step per batch (fit's scan=False): XLA's CPU backend compiles this conv net's
     # gradients to much slower code inside lax.scan (1.5 s against 14.6 s a step with the decoder's former
-    # nn.ConvTranspose, measured on 2 CPU cores; the phase-decomposed ConvTranspose2x now takes 0.31 s a step).
+    # nn.ConvTranspose, measured on 2 CPU cores; 0.31 s with the phase-decomposed ConvTranspose2x, ~0.24 s with
+    # the tap-map form of 2026-12-02, see benchmarks/results/latest.md).
     state, history = fit(state, ds.x_train, loss_fn=loss_fn, optimizer=optimizer, batch_size=BATCH_SIZE,
                          epochs=args.epochs, test_data=ds.x_test, eval_loss_fn=loss_fn, eval_every=1,
                          checkpoint_path=args.checkpoint, progress=args.progress, eval_key=k_eval,
