@@ -379,7 +379,10 @@ class ConvDecoder(nn.Module):
 
     ``convs="taps"`` (default) computes the transposed and the last convolution in tap-map form
     (:func:`transpose2x`, :class:`TapConv`), measured faster on XLA's CPU backend; ``convs="xla"`` leaves both to
-    XLA's convolutions and their autodiff, e.g. to compare on a GPU. Same parameters and function either way."""
+    XLA's convolutions and their autodiff, e.g. to compare on a GPU. Same parameters and function either way. The
+    tap-map forms define reverse-mode derivatives only (custom VJPs whose backward passes carry vmap rules): second
+    derivatives need ``convs="xla"``, and forward mode (``jax.jvp``) needs it too, with a latent of more than
+    :data:`FEW_INPUTS` dimensions (:func:`few_inputs_dot` is a custom VJP as well)."""
 
     channels_out: int = 1
     activation: str = "relu"

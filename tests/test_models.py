@@ -333,3 +333,32 @@ def test_conv_decoder_convs_options_agree():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="convs"):
         ConvDecoder(convs="cudnn").init(jax.random.key(1), z)
+
+
+def test_conv_decoder_xla_convs_allow_higher_derivatives():
+    """What ConvDecoder's docstring promises: convs="xla" supports second derivatives (and forward mode with a
+    latent wider than FEW_INPUTS), while the tap-map forms are reverse-mode only and say so by raising."""
+    from dlvm_jax.networks import ConvDecoder
+
+    z = jax.random.normal(jax.random.key(0), (2, 3))
+    for convs in ("xla", "taps"):
+        decoder = ConvDecoder(1, convs=convs)
+        params = decoder.init(jax.random.key(1), z)
+
+        def hvp(z, decoder=decoder, params=params):
+            return jax.grad(lambda z: jnp.sum(jax.grad(lambda z: jnp.sum(jnp.sin(decoder.apply(params, z))))(z)))(z)
+
+        def jvp(z, decoder=decoder, params=params):
+            return jax.jvp(lambda z: decoder.apply(params, z), (z,), (jnp.ones_like(z),))[1]
+
+        if convs == "xla":
+            assert hvp(z).shape == z.shape and bool(jnp.all(jnp.isfinite(hvp(z))))
+            # Forward mode against the reverse-mode Jacobian times the same tangent.
+            jac = jax.jacrev(lambda z: decoder.apply(params, z))(z)  # (2, 784, 2, 3)
+            np.testing.assert_allclose(jvp(z), jnp.einsum("aibj,bj->ai", jac, jnp.ones_like(z)), rtol=1e-4,
+                                       atol=1e-5)
+        else:
+            with pytest.raises((TypeError, ValueError)):
+                hvp(z)
+            with pytest.raises(TypeError):
+                jvp(z)
