@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("mnist_conv2d: --is-samples, --is-chunk and --is-batch must be >= 1")
 
     out = Path(args.out)
+    if out.is_dir() or out.suffix != ".json":  # checked before training, not when the results are written
+        raise SystemExit(f"mnist_conv2d: --out names the results JSON file (e.g. results/run.json), got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = {name: out.with_name(f"{out.stem}_{name}.png") for name in ("latent", "manifold", "curve")}
     ds = load(args)
