@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -29,6 +31,16 @@ def machine() -> dict[str, Any]:
             else os.cpu_count(), "python": sys.version.split()[0], "jax": jax.__version__,
             "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "date": time.strftime("%Y-%m-%d")}
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write a profile's ``result`` as JSON to ``path`` (folders made as needed), with the machine and its load
+    average now under ``result["machine"]`` (kept where the caller already set them), and say where."""
+    result["machine"] = {**machine(), "load_average": [round(v, 2) for v in os.getloadavg()],
+                         **result.get("machine", {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def time_calls(fn: Callable[[], Any], *, calls: int, repeats: int = 5) -> list[float]:

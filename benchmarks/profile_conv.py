@@ -13,8 +13,6 @@ The last rows time the whole decoder the way the ELBO/IWAE loss runs it, vmapped
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,20 @@ def best_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
     return round(1e3 * min(times), 2)
 
 
+def measure(name: str, jax_fwd: Callable[[], Any], jax_grad: Callable[[], Any], torch_fwd: Callable[[], Any],
+            torch_grad: Callable[[], Any], **extra: Any) -> dict[str, Any]:
+    """One row: best-of-5 milliseconds of each callable (JAX results waited for), printed as it is measured."""
+    import jax
+
+    row = {"layer": name, **extra,
+           "jax_forward_ms": best_ms(lambda: jax.block_until_ready(jax_fwd())),
+           "jax_forward_backward_ms": best_ms(lambda: jax.block_until_ready(jax_grad())),
+           "torch_forward_ms": best_ms(torch_fwd), "torch_forward_backward_ms": best_ms(torch_grad)}
+    print(f"{name:<42} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
+          f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_conv", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=100)
@@ -47,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import torch
 
-    from benchmarks.common import machine
+    from benchmarks.common import write_result
     from benchmarks.worker import cores
     from dlvm_jax.networks import ConvDecoder, ConvTranspose2x, TapConv
 
@@ -83,14 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             tl.zero_grad()
             tl(xt).square().sum().backward()
 
-        row = {"layer": name,
-               "jax_forward_ms": best_ms(lambda: fwd(params, x).block_until_ready()),
-               "jax_forward_backward_ms": best_ms(lambda: jax.block_until_ready(grad(params, x))),
-               "torch_forward_ms": best_ms(lambda: tl(xt)),
-               "torch_forward_backward_ms": best_ms(torch_grad)}
-        rows.append(row)
-        print(f"{name:<42} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
-              f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
+        rows.append(measure(name, lambda: fwd(params, x), lambda: grad(params, x), lambda: tl(xt), torch_grad))
 
     # The whole decoder as the loss runs it: per example, vmapped over 100 examples of rows / 100 samples each.
     from benchmarks.torch_models import ConvDecoder as TorchDecoder
@@ -110,20 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         fwd = jax.jit(jax.vmap(decoder.apply, in_axes=(None, 0)))
         grad = jax.jit(jax.grad(lambda p, z, d=decoder: jnp.sum(jnp.square(jax.vmap(d.apply, in_axes=(None, 0))(p, z))),
                                 argnums=(0, 1)))
-        name = f"decoder, vmapped 100 x {rows_n // 100} ({convs})"
-        row = {"layer": name, "rows": 100 * (rows_n // 100),
-               "jax_forward_ms": best_ms(lambda: fwd(params, z).block_until_ready()),
-               "jax_forward_backward_ms": best_ms(lambda: jax.block_until_ready(grad(params, z))),
-               "torch_forward_ms": best_ms(lambda: torch_decoder(zt)),
-               "torch_forward_backward_ms": best_ms(torch_decoder_grad)}
-        rows.append(row)
-        print(f"{name:<42} JAX {row['jax_forward_ms']:7.1f} fwd {row['jax_forward_backward_ms']:7.1f} fwd+bwd | "
-              f"PyTorch {row['torch_forward_ms']:7.1f} fwd {row['torch_forward_backward_ms']:7.1f} fwd+bwd", flush=True)
-    result = {"machine": {**machine(), "load_average": [round(v, 2) for v in os.getloadavg()]}, "batch": b,
-              "layers": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        rows.append(measure(f"decoder, vmapped 100 x {rows_n // 100} ({convs})", lambda: fwd(params, z),
+                            lambda: grad(params, z), lambda: torch_decoder(zt), torch_decoder_grad,
+                            rows=100 * (rows_n // 100)))
+    write_result(args.out, {"batch": b, "layers": rows})
     return 0
 
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.common import machine
+    from benchmarks.common import write_result
     from benchmarks.worker import _jax_model
 
     model, loss_fn = _jax_model("conv_vae", args.samples)
@@ -116,14 +116,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{total:.1f} ms in XLA kernels")
     for name, ms in by_layer.most_common():
         print(f"  {ms:7.1f} ms  {name}")
-    result = {"machine": {**machine(), "load_average": [round(v, 2) for v in os.getloadavg()]},
-              "samples": args.samples, "batch": 100, "call_ms_median": round(float(np.median(wall)), 2),
-              "kernel_ms_total": round(total, 2), "by_layer_ms": {k: round(v, 2) for k, v in by_layer.most_common()},
-              "top_kernels": [{"kernel": k, "layer": layers[k][0], "shape": layers[k][1], "ms": round(v, 2)}
-                              for k, v in per_kernel.most_common(25)]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {
+        "samples": args.samples, "batch": 100, "call_ms_median": round(float(np.median(wall)), 2),
+        "kernel_ms_total": round(total, 2), "by_layer_ms": {k: round(v, 2) for k, v in by_layer.most_common()},
+        "top_kernels": [{"kernel": k, "layer": layers[k][0], "shape": layers[k][1], "ms": round(v, 2)}
+                        for k, v in per_kernel.most_common(25)]})
     return 0
 
 

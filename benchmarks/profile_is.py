@@ -15,7 +15,6 @@ library's chunk (FLOPs and transcendental functions) is recorded too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks import torch_models as tm
-    from benchmarks.common import machine
+    from benchmarks.common import write_result
     from benchmarks.worker import cores
     from dlvm_jax.models.vae import VAE, VAEConfig
 
@@ -125,17 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         record("torch", "whole chunk: model.log_weights (+ encoder, q, prior)",
                best_of(lambda: tmodel.log_weights(xst, per_image)))
 
-    result = {"machine": machine(), "rows": n, "matmul_peak_gflops": {"jax": round(jax_peak / 1e9, 2),
-                                                                     "torch": round(torch_peak / 1e9, 2)},
+    result = {"rows": n, "matmul_peak_gflops": {"jax": round(jax_peak / 1e9, 2), "torch": round(torch_peak / 1e9, 2)},
               "matmul_gflop_per_chunk": matmul_flop / 1e9, "xla_cost_analysis_library_chunk": xla_cost,
               "rows_timed": rows}
-    import os
-
-    result["machine"]["load_average"] = [round(v, 2) for v in os.getloadavg()]
     print("XLA cost analysis of the library chunk:", xla_cost)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -307,19 +307,23 @@ def _transpose2x_by_phases(h: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(n, 2 * height, 2 * width, features)
 
 
+def _transpose_tap(r: int) -> tuple[int, int]:
+    """For tap ``r`` (row or column) of the 3x3 kernel of a stride-2 "SAME" transposed convolution: the output phase
+    it writes (output 2i + phase) and how far back it reads the input (pixel i - back). Taps 0 and 2 write the
+    even outputs from pixels i - 1 and i, tap 1 the odd outputs from pixel i."""
+    return int(r == 1), int(r == 0)
+
+
 def _transpose2x_by_taps(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    # Output (2i + a, 2j + b) sums map (r, s) of input pixel (i - [r == 0], j - [s == 0]) over r in {0, 2} if
-    # a == 0 else {1}, and s likewise with b. The input is padded by a zero row on top and a zero column on the
-    # left first, so that pixel i - 1 is padded index i.
     n, height, width, _ = h.shape
-    maps = _tap_maps(jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), kernel)
+    maps = _tap_maps(jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), kernel)  # padded index i + 1 holds pixel i
 
     def tap(r: int, s: int) -> jax.Array:
-        i, j = int(r != 0), int(s != 0)
+        i, j = 1 - _transpose_tap(r)[1], 1 - _transpose_tap(s)[1]
         return maps[:, i:i + height, j:j + width, r, s]
 
-    phase = {(a, b): functools.reduce(jnp.add, [tap(r, s) for r in ((0, 2) if a == 0 else (1,))
-                                                for s in ((0, 2) if b == 0 else (1,))])
+    phase = {(a, b): functools.reduce(jnp.add, [tap(r, s) for r in range(3) for s in range(3)
+                                                if (_transpose_tap(r)[0], _transpose_tap(s)[0]) == (a, b)])
              for a in range(2) for b in range(2)}
     y = jnp.stack([jnp.stack([phase[a, 0], phase[a, 1]], axis=3) for a in range(2)], axis=2)  # (n, H, 2, W, 2, F)
     return y.reshape(n, 2 * height, 2 * width, -1)
@@ -327,16 +331,14 @@ def _transpose2x_by_taps(h: jax.Array, kernel: jax.Array) -> jax.Array:
 
 @_fold_vmapped_axes
 def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Output (2i + a, 2j + b) sums map (r, s) of input pixel (i - [r == 0], j - [s == 0]) over r in {0, 2} if
-    # a == 0 else {1}, and s likewise with b; so map (r, s) of pixel (i, j) receives that phase's gradient at
-    # (i + [r == 0], j + [s == 0]) (zero past the last row or column).
+    # Map (r, s) of pixel (i, j) went to its phase's output (i + back_r, j + back_s): it receives that gradient
+    # (zero past the last row or column).
     n, height, width, _ = h.shape
     phases = g.reshape(n, height, 2, width, 2, g.shape[-1])
 
     def received(r: int, s: int) -> jax.Array:
-        di, dj = int(r == 0), int(s == 0)
-        phase = phases[:, di:, int(r == 1), dj:, int(s == 1)]
-        return jnp.pad(phase, ((0, 0), (0, di), (0, dj), (0, 0)))
+        (a, di), (b, dj) = _transpose_tap(r), _transpose_tap(s)
+        return jnp.pad(phases[:, di:, a, dj:, b], ((0, 0), (0, di), (0, dj), (0, 0)))
 
     return _taps_pullback(h, kernel, jnp.stack([received(r, s) for r in range(3) for s in range(3)], axis=3))
 
