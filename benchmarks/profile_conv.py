@@ -6,8 +6,10 @@ Each layer of the conv VAE (dlvm_jax.networks.ConvEncoder / ConvDecoder) runs on
 forward pass, and the gradient of sum(output^2) with respect to the weights and (except for the first layer) the
 input. The decoder's two layers run in both of the library's formulations: XLA's convolutions differentiated by
 XLA (``ConvDecoder(convs="xla")``) and the tap-map forms (``TapConv``, ``transpose2x``'s backward, the default).
-The last rows time the whole decoder the way the ELBO/IWAE loss runs it, vmapped over examples with
-``--decoder-rows`` / 100 latent samples each (the M=10 train step), in both formulations. Best of 5, milliseconds.
+The encoder's layers run as XLA's convolutions and in patch form (``PatchConv``, the default). The last rows time
+the whole decoder the way the ELBO/IWAE loss runs it, vmapped over examples with ``--decoder-rows`` / 100 latent
+samples each (the M=10 train step), and the whole encoder vmapped over the batch (gradient with respect to the
+weights only, as in training), in both formulations. Best of 5, milliseconds.
 """
 
 from __future__ import annotations
@@ -61,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import write_result
     from benchmarks.worker import cores
-    from dlvm_jax.networks import ConvDecoder, ConvTranspose2x, TapConv
+    from dlvm_jax.networks import ConvDecoder, ConvEncoder, ConvTranspose2x, PatchConv, TapConv
 
     torch.set_num_threads(cores())
     b = args.batch
     layers = [
-        ("conv 1->32, 28x28", nn.Conv(32, (3, 3), padding="SAME"), (b, 28, 28, 1),
+        ("conv 1->32, 28x28 (XLA)", nn.Conv(32, (3, 3), padding="SAME"), (b, 28, 28, 1),
          torch.nn.Conv2d(1, 32, 3, padding=1), (b, 1, 28, 28), False),
-        ("conv 32->64, stride 2", nn.Conv(64, (3, 3), strides=(2, 2), padding="SAME"), (b, 28, 28, 32),
+        ("conv 1->32, 28x28 (patches)", PatchConv(32), (b, 28, 28, 1),
+         torch.nn.Conv2d(1, 32, 3, padding=1), (b, 1, 28, 28), False),
+        ("conv 32->64, stride 2 (XLA)", nn.Conv(64, (3, 3), strides=(2, 2), padding="SAME"), (b, 28, 28, 32),
          torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), (b, 32, 28, 28), True),
-        ("conv 64->64, 14x14", nn.Conv(64, (3, 3), padding="SAME"), (b, 14, 14, 64),
+        ("conv 32->64, stride 2 (patches)", PatchConv(64, 2), (b, 28, 28, 32),
+         torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), (b, 32, 28, 28), True),
+        ("conv 64->64, 14x14 (XLA)", nn.Conv(64, (3, 3), padding="SAME"), (b, 14, 14, 64),
+         torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
+        ("conv 64->64, 14x14 (patches)", PatchConv(64), (b, 14, 14, 64),
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
         ("transposed conv 64->32, stride 2 (XLA)", ConvTranspose2x(32, taps=False), (b, 14, 14, 64),
          torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),
@@ -118,6 +126,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(f"decoder, vmapped 100 x {rows_n // 100} ({convs})", lambda: fwd(params, z),
                             lambda: grad(params, z), lambda: torch_decoder(zt), torch_decoder_grad,
                             rows=100 * (rows_n // 100)))
+    # The whole encoder as the loss runs it: per example, vmapped over the batch.
+    from benchmarks.torch_models import ConvEncoder as TorchEncoder
+
+    images = (jax.random.uniform(jax.random.key(0), (b, 28, 28, 1)) > 0.5).astype(jnp.float32)
+    images_t = (torch.rand(b, 1, 28, 28) > 0.5).float()
+    torch_encoder = TorchEncoder(4)
+
+    def torch_encoder_grad() -> None:
+        torch_encoder.zero_grad()
+        torch_encoder(images_t).square().sum().backward()
+
+    for convs in ("xla", "patches"):
+        encoder = ConvEncoder(4, convs=convs)
+        params = encoder.init(jax.random.key(1), images[0])
+        fwd = jax.jit(jax.vmap(encoder.apply, in_axes=(None, 0)))
+        grad = jax.jit(jax.grad(lambda p, x, e=encoder: jnp.sum(jnp.square(jax.vmap(e.apply, in_axes=(None, 0))(p, x)))))
+        rows.append(measure(f"encoder, vmapped over {b} ({convs})", lambda: fwd(params, images),
+                            lambda: grad(params, images), lambda: torch_encoder(images_t), torch_encoder_grad))
     write_result(args.out, {"batch": b, "layers": rows})
     return 0
 

@@ -281,19 +281,23 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
         networks.few_inputs_dot(x, w0["kernel"], (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x"])
+@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "patch_conv", "patch_conv_stride2"])
 def test_tap_form_gradients_under_vmap(layer):
-    """The tap-form backward passes fold vmapped axes into the example axis (a custom vmap rule): gradients through
-    one and two levels of vmap, and with a vmapped kernel (the rule's fallback), equal the unbatched ones computed
-    by flax's own layers."""
+    """The tap-form and patch-form convolutions fold vmapped axes into the example axis (custom vmap rules):
+    outputs and gradients through one and two levels of vmap, and with a vmapped kernel (the rules' fallback),
+    equal the unbatched ones computed by flax's own layers."""
     import flax.linen as nn
 
-    from dlvm_jax.networks import conv3x3_by_taps, transpose2x
+    from dlvm_jax.networks import conv3x3_by_patches, conv3x3_by_taps, transpose2x
 
-    ours = conv3x3_by_taps if layer == "tap_conv" else transpose2x
-    features = 2 if layer == "tap_conv" else 3
-    reference = (nn.Conv(features, (3, 3), padding="SAME", use_bias=False) if layer == "tap_conv"
-                 else nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False))
+    ours = {"tap_conv": conv3x3_by_taps, "transpose2x": transpose2x, "patch_conv": conv3x3_by_patches,
+            "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2)}[layer]
+    features = 3 if layer == "transpose2x" else 2
+    if layer == "transpose2x":
+        reference = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
+    else:
+        stride = 2 if layer.endswith("stride2") else 1
+        reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", use_bias=False)
     x = jax.random.normal(jax.random.key(0), (4, 3, 2, 6, 5, 4))  # (outer vmap, inner vmap, n, H, W, C)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, features))
 
@@ -306,6 +310,7 @@ def test_tap_form_gradients_under_vmap(layer):
 
     want = jax.grad(ref_loss, argnums=(0, 1))(kernel, x)
     got = jax.jit(jax.grad(nested_loss, argnums=(0, 1)))(kernel, x)
+    np.testing.assert_allclose(jax.jit(nested_loss)(kernel, x), ref_loss(kernel, x), rtol=1e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -316,6 +321,78 @@ def test_tap_form_gradients_under_vmap(layer):
         want_i = jax.grad(ref_loss, argnums=(0, 1))(kernels[i], x[i, 0])
         for a, b in zip(per_example, want_i):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,features,stride,block_bytes", [
+    ((3, 28, 28, 1), 4, 1, 4 << 20),   # one block
+    ((7, 14, 14, 6), 5, 1, 3000),      # blocks of 1 (7 is prime)
+    ((10, 14, 14, 6), 3, 1, 9000),     # blocks of 5 (the largest divisor of 10 within the budget)
+    ((7, 12, 10, 4), 3, 1, 9000),      # 7 examples in blocks of 2, the last one zero-padded
+    ((5, 28, 28, 3), 4, 2, 20000),     # stride 2, 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
+    ((4, 9, 7, 2), 3, 2, 600),         # stride 2, odd sizes -> 5 x 4
+])
+def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, monkeypatch):
+    """PatchConv (a 3x3 conv as blocked matmuls onto patches) is nn.Conv(features, (3, 3), strides, padding="SAME"):
+    same parameter tree and initial values, outputs and gradients (parameters and input), whether the examples
+    fit one block, split evenly into blocks, or leave a zero-padded last block."""
+    import flax.linen as nn
+
+    from dlvm_jax import networks
+    from dlvm_jax.networks import PatchConv
+
+    monkeypatch.setattr(networks, "PATCH_BLOCK_BYTES", block_bytes)
+    x = jax.random.normal(jax.random.key(0), size)
+    reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")
+    params = reference.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(PatchConv(features, stride).init(jax.random.key(1), x), params)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+    want, got = reference.apply(params, x), PatchConv(features, stride).apply(params, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    g_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+    g_got = jax.grad(loss(PatchConv(features, stride)), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_block_size():
+    """Blocks are the largest divisor of the example count that fits the byte budget, unless it is under half of
+    what fits (then the blocks that fit, the last one padded); at least one example per block."""
+    from dlvm_jax.networks import _block_size
+
+    assert _block_size(100, 451_584) == 5  # 9 fit; 5 divides 100
+    assert _block_size(100, 100) == 100
+    assert _block_size(97, 451_584) == 9  # prime: 9 per block, the last padded
+    assert _block_size(3, 10**9) == 1
+    with pytest.raises(ValueError, match="conv3x3_by_patches expects"):
+        from dlvm_jax.networks import conv3x3_by_patches
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 3, 4)))
+
+
+def test_conv_encoder_convs_options_agree():
+    """ConvEncoder(convs="patches") and convs="xla" share parameters (nn.Conv's, named Conv_0 to Conv_3) and compute
+    the same function and gradients, per example under vmap as the losses run it; an unknown option is refused."""
+    from dlvm_jax.networks import ConvEncoder
+
+    x = (jax.random.uniform(jax.random.key(0), (3, 28, 28, 1)) > 0.5).astype(jnp.float32)
+    patches, xla = ConvEncoder(4), ConvEncoder(4, convs="xla")
+    params = patches.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(xla.init(jax.random.key(1), x), params)
+    assert sorted(params["params"]) == ["Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"]
+    np.testing.assert_allclose(patches.apply(params, x), xla.apply(params, x), rtol=1e-5, atol=1e-5)
+
+    def loss(m):
+        return lambda p: jnp.sum(jax.vmap(lambda xi: jnp.sin(m.apply(p, xi)))(x))
+
+    grads = [jax.jit(jax.grad(loss(m)))(params) for m in (patches, xla)]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="convs"):
+        ConvEncoder(4, convs="cudnn").init(jax.random.key(1), x)
 
 
 def test_conv_decoder_convs_options_agree():
@@ -362,3 +439,23 @@ def test_conv_decoder_xla_convs_allow_higher_derivatives():
                 hvp(z)
             with pytest.raises(TypeError):
                 jvp(z)
+
+
+def test_conv_encoder_patch_form_is_reverse_mode_only():
+    """What ConvEncoder's docstring promises: convs="xla" supports second derivatives, while the patch form is a
+    custom VJP and says so by raising."""
+    from dlvm_jax.networks import ConvEncoder
+
+    x = jax.random.uniform(jax.random.key(0), (28, 28, 1))
+    for convs in ("xla", "patches"):
+        encoder = ConvEncoder(2, convs=convs)
+        params = encoder.init(jax.random.key(1), x)
+
+        def input_hvp(x, encoder=encoder, params=params):
+            return jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(encoder.apply(params, x))))(x)))(x)
+
+        if convs == "xla":
+            assert bool(jnp.all(jnp.isfinite(input_hvp(x))))
+        else:
+            with pytest.raises((TypeError, ValueError)):
+                input_hvp(x)
