@@ -229,6 +229,46 @@ def _taps_pullback(x: jax.Array, kernel: jax.Array, dmaps: jax.Array) -> tuple[j
     return dx, jnp.transpose(dkernel, (1, 2, 0, 3))
 
 
+#: Bytes of intermediates (tap maps, patches) that the tap-map and patch forms build at a time: they run over
+#: blocks of examples of about this size (``lax.map`` / ``lax.scan``), which stay in a CPU's L2/L3 caches. 1-16 MiB
+#: measured on the conv VAE's layers (``python -m benchmarks.profile_conv``), 4 MiB the fastest.
+BLOCK_BYTES = 4 << 20
+
+
+def _block_size(n: int, per_example_bytes: int) -> int:
+    """Examples per block: the largest divisor of ``n`` within BLOCK_BYTES of intermediates (no padded copy of the
+    inputs), unless it is under half of what fits; then the block that fits, the inputs zero-padded at the end."""
+    fits = max(1, min(n, BLOCK_BYTES // max(1, per_example_bytes)))
+    divisor = max(d for d in range(1, fits + 1) if n % d == 0)
+    return divisor if 2 * divisor >= fits else fits
+
+
+def _blocks(a: jax.Array, size: int) -> jax.Array:
+    """(n, ...) -> (blocks, size, ...), zero-padded at the end where ``size`` does not divide n."""
+    count = -(-a.shape[0] // size)
+    if count * size != a.shape[0]:
+        a = jnp.pad(a, ((0, count * size - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+    return a.reshape((count, size) + a.shape[1:])
+
+
+def _blockwise(fn: Callable, arrays: Sequence[jax.Array], per_example_bytes: int, total: jax.Array | None = None):
+    """``fn(*blocks)`` over blocks of examples of ``arrays`` (which share the leading example axis), returning the
+    per-example outputs for all n examples. With ``total`` (zeros), ``fn`` returns (per-example outputs or None,
+    a term) and the terms are summed into ``total``: a kernel gradient, to which zero-padded examples add nothing."""
+    n = arrays[0].shape[0]
+    blocks = tuple(_blocks(a, _block_size(n, per_example_bytes)) for a in arrays)
+    if total is None:
+        y = jax.lax.map(lambda b: fn(*b), blocks)
+        return y.reshape((-1,) + y.shape[2:])[:n]
+
+    def step(acc: jax.Array, b: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        y, term = fn(*b)
+        return acc + term, y
+
+    total, y = jax.lax.scan(step, total, blocks)
+    return (None if y is None else y.reshape((-1,) + y.shape[2:])[:n]), total
+
+
 def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]:
     """Decorator for ``fn(x, kernel, *rest) -> tuple of outputs``, where ``x`` and ``rest`` lead with the example
     axis: a vmap rule that folds a vmapped axis into the example axis, so that the work is one large computation
@@ -353,10 +393,13 @@ def _transpose2x_by_taps(h: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(n, 2 * height, 2 * width, -1)
 
 
-@_pullback_folded
-def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Map (r, s) of pixel (i, j) went to its phase's output (i + back_r, j + back_s): it receives that gradient
-    # (zero past the last row or column).
+def _transpose2x_maps_bytes(h: jax.Array, kernel: jax.Array) -> int:
+    return (h.shape[1] + 1) * (h.shape[2] + 1) * 9 * kernel.shape[-1] * h.dtype.itemsize
+
+
+def _transpose2x_received(h: jax.Array, g: jax.Array) -> jax.Array:
+    """The output gradient in tap-map form, (n, H, W, 9, F): map (r, s) of pixel (i, j) went to its phase's output
+    (i + back_r, j + back_s) and receives that gradient (zero past the last row or column)."""
     n, height, width, _ = h.shape
     phases = g.reshape(n, height, 2, width, 2, g.shape[-1])
 
@@ -364,7 +407,18 @@ def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tupl
         (a, di), (b, dj) = _transpose_tap(r), _transpose_tap(s)
         return jnp.pad(phases[:, di:, a, dj:, b], ((0, 0), (0, di), (0, dj), (0, 0)))
 
-    return _taps_pullback(h, kernel, jnp.stack([received(r, s) for r in range(3) for s in range(3)], axis=3))
+    return jnp.stack([received(r, s) for r in range(3) for s in range(3)], axis=3)
+
+
+@_fold_vmapped_axes(summed=(False,))
+def _transpose2x_forward(h: jax.Array, kernel: jax.Array) -> tuple[jax.Array]:
+    return (_blockwise(lambda hb: _transpose2x_by_taps(hb, kernel), (h,), _transpose2x_maps_bytes(h, kernel)),)
+
+
+@_pullback_folded
+def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _blockwise(lambda hb, gb: _taps_pullback(hb, kernel, _transpose2x_received(hb, gb)), (h, g),
+                      _transpose2x_maps_bytes(h, kernel), total=jnp.zeros_like(kernel))
 
 
 @jax.custom_vjp
@@ -372,14 +426,14 @@ def transpose2x(h: jax.Array, kernel: jax.Array) -> jax.Array:
     """The 3x3, stride-2, "SAME" transposed convolution of ``nn.ConvTranspose`` (NHWC input, HWIO kernel, no bias)
     in tap-map form: one (pixels, C) @ (C, 9 F) matmul and, for each of the four output phases, the sum of the
     shifted maps of its taps (9 products per input pixel, none with a zero); the backward pass is the same two
-    matmuls transposed. On XLA's CPU backend (2 cores) the conv VAE decoder, vmapped over 100 examples x 10
-    samples as the IWAE loss runs it, takes 224 ms forward and 516 ms forward + backward this way against 553 and
-    2,144 ms with XLA's convolutions and their autodiff (``python -m benchmarks.profile_conv``), and the conv VAE's
-    IS evaluation runs ~4x faster (``python -m benchmarks``)."""
-    return _transpose2x_by_taps(h, kernel)
+    matmuls transposed. Both run over blocks of examples of about BLOCK_BYTES of maps, with vmapped axes folded
+    into the example axis. On XLA's CPU backend (2 cores) the conv VAE decoder, vmapped over 100 examples x 10
+    samples as the IWAE loss runs it, is several times faster forward + backward this way than with XLA's
+    convolutions and their autodiff (``python -m benchmarks.profile_conv``)."""
+    return _transpose2x_forward(h, kernel)[0]
 
 
-transpose2x.defvjp(lambda h, kernel: (_transpose2x_by_taps(h, kernel), (h, kernel)),
+transpose2x.defvjp(lambda h, kernel: (_transpose2x_forward(h, kernel)[0], (h, kernel)),
                    lambda res, g: _transpose2x_pullback(*res, g))
 
 
@@ -404,11 +458,7 @@ class ConvTranspose2x(nn.Module):
 # (9 C, F) kernel; the weight gradient is the transposed product with the output gradient, and the input gradient of
 # a stride-1 convolution is the same convolution of the output gradient with the flipped kernel. The patches take 9x
 # the input's memory, so they are built for a block of examples at a time (``lax.map`` / ``lax.scan`` over blocks
-# of about PATCH_BLOCK_BYTES), where they stay in cache; vmapped axes are folded into the example axis first.
-
-#: Bytes of patches built at a time by :func:`conv3x3_by_patches` (a few MiB: in the L2/L3 caches of a CPU).
-PATCH_BLOCK_BYTES = 4 << 20
-
+# of about BLOCK_BYTES), where they stay in cache; vmapped axes are folded into the example axis first.
 
 def _same_padding(size: int, stride: int) -> tuple[int, tuple[int, int]]:
     """Output size and (low, high) padding of a 3x3 "SAME" convolution (XLA's rule: the extra pad goes high)."""
@@ -423,22 +473,6 @@ def _patches(padded: jax.Array, stride: int, out_shape: tuple[int, int]) -> jax.
     taps = [padded[:, r:r + stride * (oh - 1) + 1:stride, s:s + stride * (ow - 1) + 1:stride]
             for r in range(3) for s in range(3)]
     return jnp.concatenate(taps, axis=-1).reshape(-1, 9 * padded.shape[-1])
-
-
-def _block_size(n: int, per_example_bytes: int) -> int:
-    """Examples per block: the largest divisor of ``n`` within PATCH_BLOCK_BYTES of patches (no padded copy of the
-    inputs), unless it is under half of what fits; then the block that fits, the inputs zero-padded at the end."""
-    fits = max(1, min(n, PATCH_BLOCK_BYTES // per_example_bytes))
-    divisor = max(d for d in range(1, fits + 1) if n % d == 0)
-    return divisor if 2 * divisor >= fits else fits
-
-
-def _blocks(a: jax.Array, size: int) -> jax.Array:
-    """(n, ...) -> (blocks, size, ...), zero-padded at the end where ``size`` does not divide n."""
-    count = -(-a.shape[0] // size)
-    if count * size != a.shape[0]:
-        a = jnp.pad(a, ((0, count * size - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
-    return a.reshape((count, size) + a.shape[1:])
 
 
 def _pad_same(x: jax.Array, stride: int) -> jax.Array:
@@ -457,28 +491,25 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
 
 def _conv_by_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Blocks of examples are padded inside the loop, where they are small."""
-    n, channels, features = x.shape[0], x.shape[-1], kernel.shape[-1]
-    out_shape = _out_shape(x, stride)
-    weights = kernel.reshape(9 * channels, features)
-    blocks = _blocks(x, _block_size(n, _patches_bytes(x, stride)))
-    y = jax.lax.map(lambda b: _patches(_pad_same(b, stride), stride, out_shape) @ weights, blocks)
-    return y.reshape((-1,) + out_shape + (features,))[:n]
+    out_shape, weights = _out_shape(x, stride), kernel.reshape(-1, kernel.shape[-1])
+    return _blockwise(lambda b: (_patches(_pad_same(b, stride), stride, out_shape) @ weights).reshape(
+        (b.shape[0],) + out_shape + (-1,)), (x,), _patches_bytes(x, stride))
 
 
 def _patches_pullback(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    channels, features = x.shape[-1], kernel.shape[-1]
-    out_shape = _out_shape(x, stride)
+    out_shape, features = _out_shape(x, stride), kernel.shape[-1]
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, x.shape[-1])
 
-    def accumulate(total: jax.Array, blocks: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        xb, gb = blocks
-        return total + _patches(_pad_same(xb, stride), stride, out_shape).T @ gb.reshape(-1, features), None
+    def block(xb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        dkernel = _patches(_pad_same(xb, stride), stride, out_shape).T @ gb.reshape(-1, features)
+        if stride != 1:
+            return None, dkernel
+        # The input gradient of a stride-1 convolution: g convolved with the flipped kernel, inputs <-> outputs.
+        return (_patches(_pad_same(gb, 1), 1, out_shape) @ flipped).reshape(xb.shape), dkernel
 
-    size = _block_size(x.shape[0], _patches_bytes(x, stride))
-    dkernel, _ = jax.lax.scan(accumulate, jnp.zeros((9 * channels, features), kernel.dtype),
-                              (_blocks(x, size), _blocks(g, size)))
-    if stride == 1:  # the input gradient is the convolution of g with the flipped kernel, inputs <-> outputs
-        dx = _conv_by_patches(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1)
-    else:  # a strided convolution's input gradient is left to XLA
+    dx, dkernel = _blockwise(block, (x, g), _patches_bytes(x, stride) + _patches_bytes(g, 1) * (stride == 1),
+                             total=jnp.zeros((kernel.size // features, features), kernel.dtype))
+    if stride != 1:  # a strided convolution's input gradient is left to XLA
         _, pullback = jax.vjp(lambda x: _conv_by_xla(x, kernel, stride), x)
         dx, = pullback(g)
     return dx, dkernel.reshape(kernel.shape)

@@ -198,13 +198,21 @@ def test_mlp_handles_leading_axes():
 
 
 @pytest.mark.parametrize("taps", [True, False])
-@pytest.mark.parametrize("size", [(3, 14, 14, 5), (2, 7, 9, 4)])
-def test_conv_transpose_2x_equals_flax_conv_transpose(size, taps):
+@pytest.mark.parametrize("size,block_bytes", [((3, 14, 14, 5), 4 << 20), ((2, 7, 9, 4), 4 << 20),
+                                              ((7, 5, 6, 3), 30000)])  # 7 examples in blocks of 3, 2 padded
+def test_conv_transpose_2x_equals_flax_conv_transpose(size, block_bytes, taps, monkeypatch):
     """The decoder's stride-2 transposed conv (tap-map form, or the phase convolution) computes nn.ConvTranspose's
-    function with the same parameters: outputs and gradients agree to float32 rounding."""
+    function with the same parameters: outputs and gradients agree to float32 rounding, in one block of examples or
+    in several with a zero-padded last one."""
     import flax.linen as nn
 
+    from dlvm_jax import networks
     from dlvm_jax.networks import ConvTranspose2x
+
+    monkeypatch.setattr(networks, "BLOCK_BYTES", block_bytes)
+    if block_bytes < 4 << 20:
+        assert networks._block_size(size[0], networks._transpose2x_maps_bytes(
+            jnp.zeros(size), jnp.zeros((3, 3, size[-1], 6)))) == 3
 
     x = jax.random.normal(jax.random.key(0), size)
     reference = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="SAME")
@@ -340,7 +348,7 @@ def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, monkey
     from dlvm_jax import networks
     from dlvm_jax.networks import PatchConv
 
-    monkeypatch.setattr(networks, "PATCH_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(networks, "BLOCK_BYTES", block_bytes)
     x = jax.random.normal(jax.random.key(0), size)
     reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")
     params = reference.init(jax.random.key(1), x)
