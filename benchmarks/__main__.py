@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch-omp-passive", action="store_true",
                    help="run PyTorch with OMP_WAIT_POLICY=PASSIVE: on a machine shared with other jobs, OpenMP's "
                         "default spin-waiting can slow PyTorch down by orders of magnitude")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="run every worker, JAX and PyTorch alike, with glibc's malloc set to keep freed memory "
+                        "(dlvm_jax.runtime.keep_freed_memory) instead of its defaults, under which large "
+                        "temporaries are mapped, unmapped and page-faulted in afresh at every step")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even where a GPU is present")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement process")
     args = p.parse_args(argv)
@@ -106,6 +110,7 @@ def prepare_data(folder: Path, data_dir: str | None, num_images: int) -> dict[st
 
 
 def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    task = {"keep_freed_memory": args.keep_freed_memory, **task}
     env = dict(os.environ)
     if args.torch_omp_passive and task["framework"].startswith("torch"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -173,6 +178,7 @@ def train_entry(model: str, m: int, outs: dict[str, dict], peak: float) -> dict[
         "torch_compile_fraction_of_matmul_peak": _r(comp_s * gflop * 1e9 / peak if comp_s else None),
         "peak_rss_mb": {f: _r(_get(outs[f], "peak_rss_mb"), 4) for f in TRAIN_FRAMEWORKS},
         "rss_increase_mb": {f: _r(_get(outs[f], "rss_increase_mb"), 4) for f in TRAIN_FRAMEWORKS},
+        "minor_faults_per_step": {f: _r(_get(outs[f], "minor_faults_per_call"), 4) for f in TRAIN_FRAMEWORKS},
     }
     if "error" in outs["torch_compile"]:
         entry["torch_compile_error"] = outs["torch_compile"]["error"]
@@ -236,6 +242,8 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
             "jax": version("jax"), "jaxlib": version("jaxlib"), "flax": version("flax"), "optax": version("optax"),
             "torch": version("torch"), "numpy": version("numpy"),
             "date": time.strftime("%Y-%m-%d"),
+            "malloc": ("freed memory kept for reuse in every worker, JAX and PyTorch alike (--keep-freed-memory)"
+                       if args.keep_freed_memory else "defaults"),
             "torch_omp_wait_policy": "PASSIVE" if args.torch_omp_passive else os.environ.get("OMP_WAIT_POLICY",
                                                                                              "default")}
 

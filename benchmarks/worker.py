@@ -49,9 +49,14 @@ def objective_for(model: str, num_samples: int) -> str:
     return "elbo" if num_samples == 1 else "iwae"
 
 
+#: Minor page faults per call over the timed repeats of the last :func:`timed_repeats` (reported with the result).
+FAULTS: dict[str, float] = {}
+
+
 def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, warmup_s: float) -> list[float]:
     """Seconds per step over ``repeats`` runs of ``run(calls)`` (which must finish all its work before
-    returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up."""
+    returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up.
+    Records the minor page faults per call of the timed runs in FAULTS."""
     start = time.perf_counter()
     n = 0
     while True:
@@ -64,10 +69,12 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
     per_call = (time.perf_counter() - t) / 2
     calls = max(2, int(round(target_s / max(per_call, 1e-6))))
     out = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t = time.perf_counter()
         run(calls)
         out.append((time.perf_counter() - t) / calls)
+    FAULTS["minor_faults_per_call"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (repeats * calls)
     return out
 
 
@@ -335,9 +342,16 @@ TASKS = {
 
 def main(argv: list[str]) -> int:
     task = json.loads(argv[0])
+    # Before either framework starts its threads (see dlvm_jax.runtime); the same for JAX and PyTorch.
+    keep = task.get("keep_freed_memory", False)
+    if keep:
+        from dlvm_jax.runtime import keep_freed_memory
+
+        keep = keep_freed_memory()
     try:
         out = TASKS[(task["kind"], task["framework"])](task)
         out["peak_rss_mb"] = rss_mb()
+        out.update(FAULTS)
         if "rss_setup_mb" in out:
             out["rss_increase_mb"] = out["peak_rss_mb"] - out["rss_setup_mb"]
     except Exception as err:  # recorded in the JSON (e.g. torch.compile without a working C++ compiler)
@@ -345,6 +359,7 @@ def main(argv: list[str]) -> int:
         out = {"error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:500],
                "traceback_tail": traceback.format_exc().splitlines()[-6:]}
     out["threads"] = cores()
+    out["malloc_keeps_freed_memory"] = keep
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 

@@ -186,15 +186,22 @@ class ConvEncoder(nn.Module):
             raise ValueError(f"ConvEncoder convs must be 'patches' or 'xla', got {self.convs!r}")
         act = get_activation(self.activation)
 
-        def conv(features: int, stride: int, index: int) -> nn.Module:
+        # The patch form applies the bias and the activation inside its blocks where it can (OUTPUT_DERIVATIVES).
+        fused = self.convs == "patches" and self.activation in OUTPUT_DERIVATIVES
+
+        def conv(features: int, stride: int, index: int) -> Callable[[jax.Array], jax.Array]:
+            if fused:
+                return PatchConv(features, stride, self.activation, name=f"Conv_{index}")
             if self.convs == "patches":
-                return PatchConv(features, stride, name=f"Conv_{index}")
-            return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", name=f"Conv_{index}")
+                layer = PatchConv(features, stride, name=f"Conv_{index}")
+            else:
+                layer = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", name=f"Conv_{index}")
+            return lambda h: act(layer(h))
 
         lead = x.shape[:-3]
         h = x.reshape((-1,) + IMAGE_SHAPE)
         for index, (features, stride) in enumerate([(32, 1), (64, 2), (64, 1), (64, 1)]):
-            h = act(conv(features, stride, index)(h))
+            h = conv(features, stride, index)(h)
         h = h.reshape(h.shape[0], -1)
         h = act(nn.Dense(self.hidden)(h))
         return nn.Dense(self.out)(h).reshape(lead + (self.out,))
@@ -489,30 +496,49 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
     return oh * ow * 9 * x.shape[-1] * x.dtype.itemsize
 
 
-def _conv_by_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Blocks of examples are padded inside the loop, where they are small."""
-    out_shape, weights = _out_shape(x, stride), kernel.reshape(-1, kernel.shape[-1])
-    return _blockwise(lambda b: (_patches(_pad_same(b, stride), stride, out_shape) @ weights).reshape(
-        (b.shape[0],) + out_shape + (-1,)), (x,), _patches_bytes(x, stride))
+#: Activations whose derivative is a function of their output. :func:`conv3x3_by_patches` applies these inside its
+#: blocks, with the bias: the backward pass needs only the layer's output, and no pass over whole activation maps
+#: is left outside the blocks. Other activations are applied after the layer.
+OUTPUT_DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": lambda y: (y > 0).astype(y.dtype),  # nn.relu's derivative at 0 is 0 too
+    "tanh": lambda y: 1 - y * y,
+}
 
 
-def _patches_pullback(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out_shape, features = _out_shape(x, stride), kernel.shape[-1]
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, x.shape[-1])
+def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None) -> jax.Array:
+    """``weights``: the (9 C, F) kernel with the bias as an extra last row. Blocks of examples are padded inside
+    the loop, where they are small."""
+    out_shape, kernel, bias = _out_shape(x, stride), weights[:-1], weights[-1]
+    act = ACTIVATIONS[activation] if activation else (lambda v: v)
+    outputs_bytes = out_shape[0] * out_shape[1] * kernel.shape[-1] * x.dtype.itemsize
+    return _blockwise(lambda b: act(_patches(_pad_same(b, stride), stride, out_shape) @ kernel + bias).reshape(
+        (b.shape[0],) + out_shape + (-1,)), (x,), _patches_bytes(x, stride) + outputs_bytes)
 
-    def block(xb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        dkernel = _patches(_pad_same(xb, stride), stride, out_shape).T @ gb.reshape(-1, features)
+
+def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array, stride: int,
+                      activation: str | None) -> tuple[jax.Array, jax.Array]:
+    """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient."""
+    channels, features = x.shape[-1], weights.shape[-1]
+    out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
+
+    def block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        gz = gb.reshape(-1, features)  # the gradient before the activation
+        if activation:
+            gz = gz * OUTPUT_DERIVATIVES[activation](yb.reshape(-1, features))
+        dweights = jnp.concatenate([_patches(_pad_same(xb, stride), stride, out_shape).T @ gz,
+                                    jnp.sum(gz, axis=0, keepdims=True)])
         if stride != 1:
-            return None, dkernel
-        # The input gradient of a stride-1 convolution: g convolved with the flipped kernel, inputs <-> outputs.
-        return (_patches(_pad_same(gb, 1), 1, out_shape) @ flipped).reshape(xb.shape), dkernel
+            return gz.reshape(gb.shape), dweights
+        # The input gradient of a stride-1 convolution: gz convolved with the flipped kernel, inputs <-> outputs.
+        return (_patches(_pad_same(gz.reshape(gb.shape), 1), 1, out_shape) @ flipped).reshape(xb.shape), dweights
 
-    dx, dkernel = _blockwise(block, (x, g), _patches_bytes(x, stride) + _patches_bytes(g, 1) * (stride == 1),
-                             total=jnp.zeros((kernel.size // features, features), kernel.dtype))
-    if stride != 1:  # a strided convolution's input gradient is left to XLA
+    per_example = _patches_bytes(x, stride) + (_patches_bytes(g, 1) if stride == 1 else 0)
+    dx, dweights = _blockwise(block, (x, y, g), per_example, total=jnp.zeros_like(weights))
+    if stride != 1:  # a strided convolution's input gradient is left to XLA (dx holds gz here)
         _, pullback = jax.vjp(lambda x: _conv_by_xla(x, kernel, stride), x)
-        dx, = pullback(g)
-    return dx, dkernel.reshape(kernel.shape)
+        dx, = pullback(dx)
+    return dx, dweights
 
 
 def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -521,42 +547,61 @@ def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 @functools.cache
-def _conv_by_patches_vjp(stride: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    forward = _fold_vmapped_axes(summed=(False,))(lambda x, kernel: (_conv_by_patches(x, kernel, stride),))
+def _conv_by_patches_vjp(stride: int, activation: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    forward = _fold_vmapped_axes(summed=(False,))(
+        lambda x, weights: (_conv_by_patches(x, weights, stride, activation),))
     pullback = _fold_vmapped_axes(summed=(False, True))(
-        lambda x, kernel, g: _patches_pullback(x, kernel, stride, g))
+        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation))
 
     @jax.custom_vjp
-    def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        return forward(x, kernel)[0]
+    def conv(x: jax.Array, weights: jax.Array) -> jax.Array:
+        return forward(x, weights)[0]
 
-    conv.defvjp(lambda x, kernel: (forward(x, kernel)[0], (x, kernel)), lambda res, g: pullback(*res, g))
+    def conv_fwd(x: jax.Array, weights: jax.Array):
+        y = forward(x, weights)[0]
+        return y, (x, weights, y)
+
+    conv.defvjp(conv_fwd, lambda res, g: pullback(*res, g))
     return conv
 
 
-def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-    """The 3x3 "SAME" convolution of ``nn.Conv`` with ``strides=(stride, stride)`` (cross-correlation, NHWC input,
-    HWIO kernel, no bias), as blocks of (pixels, 9 C) @ (9 C, F) matmuls onto patches, with the weight gradient
-    as the transposed products and, at stride 1, the input gradient as the same convolution of the output gradient
-    with the flipped kernel (at other strides XLA's). Reverse-mode derivatives only (a custom VJP)."""
+def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: jax.Array | None = None,
+                       activation: str | None = None) -> jax.Array:
+    """``activation(conv + bias)`` for the 3x3 "SAME" convolution of ``nn.Conv`` with ``strides=(stride, stride)``
+    (cross-correlation, NHWC input, HWIO kernel; no bias and no activation by default), as blocks of
+    (pixels, 9 C) @ (9 C, F) matmuls onto patches, with the bias and the activation (one of
+    :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
+    stride 1, the input gradient the same convolution of the output gradient with the flipped kernel (at other
+    strides XLA's). Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
                          f"{x.shape} and {kernel.shape}")
-    return _conv_by_patches_vjp(int(stride))(x, kernel)
+    if activation is not None and activation not in OUTPUT_DERIVATIVES:
+        raise ValueError(f"conv3x3_by_patches applies only the activations {', '.join(OUTPUT_DERIVATIVES)} "
+                         f"(their derivatives are functions of their outputs), got {activation!r}; apply others "
+                         f"to its output")
+    features = kernel.shape[-1]
+    bias = jnp.zeros((features,), kernel.dtype) if bias is None else bias
+    if bias.shape != (features,):
+        raise ValueError(f"conv3x3_by_patches expects a bias of shape {(features,)}, got {bias.shape}")
+    weights = jnp.concatenate([kernel.reshape(-1, features), bias[None]])
+    return _conv_by_patches_vjp(int(stride), activation)(x, weights)
 
 
 class PatchConv(nn.Module):
     """``nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")`` (same parameters, names and
-    initialisation) computed by :func:`conv3x3_by_patches`."""
+    initialisation), followed by ``activation`` if one is given (one of :data:`OUTPUT_DERIVATIVES`), computed by
+    :func:`conv3x3_by_patches`."""
 
     features: int
     stride: int = 1
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return conv3x3_by_patches(x, kernel, self.stride) + bias
+        return conv3x3_by_patches(x, kernel, self.stride, bias, self.activation)
 
 
 class ConvDecoder(nn.Module):

@@ -289,7 +289,8 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
         networks.few_inputs_dot(x, w0["kernel"], (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "patch_conv", "patch_conv_stride2"])
+@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "patch_conv", "patch_conv_stride2",
+                                   "patch_conv_relu", "patch_conv_stride2_tanh"])
 def test_tap_form_gradients_under_vmap(layer):
     """The tap-form and patch-form convolutions fold vmapped axes into the example axis (custom vmap rules):
     outputs and gradients through one and two levels of vmap, and with a vmapped kernel (the rules' fallback),
@@ -299,19 +300,24 @@ def test_tap_form_gradients_under_vmap(layer):
     from dlvm_jax.networks import conv3x3_by_patches, conv3x3_by_taps, transpose2x
 
     ours = {"tap_conv": conv3x3_by_taps, "transpose2x": transpose2x, "patch_conv": conv3x3_by_patches,
-            "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2)}[layer]
+            "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2),
+            "patch_conv_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu"),
+            "patch_conv_stride2_tanh": lambda x, k: conv3x3_by_patches(x, k, 2, k[0, 0, 0], "tanh")}[layer]
+    # (the fused forms with a bias taken from the kernel, and their activation)
+    after = {"patch_conv_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
+             "patch_conv_stride2_tanh": lambda y, k: jnp.tanh(y + k[0, 0, 0])}.get(layer, lambda y, k: y)
     features = 3 if layer == "transpose2x" else 2
     if layer == "transpose2x":
         reference = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
     else:
-        stride = 2 if layer.endswith("stride2") else 1
+        stride = 2 if "stride2" in layer else 1
         reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", use_bias=False)
     x = jax.random.normal(jax.random.key(0), (4, 3, 2, 6, 5, 4))  # (outer vmap, inner vmap, n, H, W, C)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, features))
 
     def ref_loss(k, x):  # all leading axes merged into one batch, through flax's layer
         y = reference.apply({"params": {"kernel": k}}, x.reshape((-1,) + x.shape[-3:]))
-        return jnp.sum(jnp.sin(y))
+        return jnp.sum(jnp.sin(after(y, k)))
 
     def nested_loss(k, x):
         return jnp.sum(jax.vmap(jax.vmap(lambda xi: jnp.sin(ours(xi, k))))(x))
@@ -331,18 +337,21 @@ def test_tap_form_gradients_under_vmap(layer):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("size,features,stride,block_bytes", [
-    ((3, 28, 28, 1), 4, 1, 4 << 20),   # one block
-    ((7, 14, 14, 6), 5, 1, 3000),      # blocks of 1 (7 is prime)
-    ((10, 14, 14, 6), 3, 1, 9000),     # blocks of 5 (the largest divisor of 10 within the budget)
-    ((7, 12, 10, 4), 3, 1, 9000),      # 7 examples in blocks of 2, the last one zero-padded
-    ((5, 28, 28, 3), 4, 2, 20000),     # stride 2, 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
-    ((4, 9, 7, 2), 3, 2, 600),         # stride 2, odd sizes -> 5 x 4
+@pytest.mark.parametrize("size,features,stride,block_bytes,activation", [
+    ((3, 28, 28, 1), 4, 1, 4 << 20, None),     # one block
+    ((7, 14, 14, 6), 5, 1, 3000, "relu"),      # blocks of 1 (7 is prime)
+    ((10, 14, 14, 6), 3, 1, 9000, "tanh"),     # blocks of 5 (the largest divisor of 10 within the budget)
+    ((7, 12, 10, 4), 3, 1, 9000, None),        # 7 examples in blocks of 2, the last one zero-padded
+    ((7, 12, 10, 4), 3, 1, 9000, "relu"),
+    ((5, 28, 28, 3), 4, 2, 20000, None),       # stride 2, 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
+    ((4, 9, 7, 2), 3, 2, 600, "relu"),         # stride 2, odd sizes -> 5 x 4, blocks of 2
+    ((3, 9, 7, 2), 3, 2, 600, "tanh"),         # stride 2, blocks of 2, the last one zero-padded
 ])
-def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, monkeypatch):
-    """PatchConv (a 3x3 conv as blocked matmuls onto patches) is nn.Conv(features, (3, 3), strides, padding="SAME"):
-    same parameter tree and initial values, outputs and gradients (parameters and input), whether the examples
-    fit one block, split evenly into blocks, or leave a zero-padded last block."""
+def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activation, monkeypatch):
+    """PatchConv (a 3x3 conv as blocked matmuls onto patches, with the bias and the activation applied inside the
+    blocks) is nn.Conv(features, (3, 3), strides, padding="SAME") followed by the activation: same parameter tree
+    and initial values, outputs and gradients (parameters and input), whether the examples fit one block, split
+    evenly into blocks, or leave a zero-padded last block."""
     import flax.linen as nn
 
     from dlvm_jax import networks
@@ -350,19 +359,27 @@ def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, monkey
 
     monkeypatch.setattr(networks, "BLOCK_BYTES", block_bytes)
     x = jax.random.normal(jax.random.key(0), size)
-    reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")
-    params = reference.init(jax.random.key(1), x)
-    chex.assert_trees_all_equal(PatchConv(features, stride).init(jax.random.key(1), x), params)
+    conv = nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")
+    act = networks.get_activation(activation) if activation else (lambda v: v)
+    reference = nn.Sequential([conv, act])
+    params = conv.init(jax.random.key(1), x)
+    ours = PatchConv(features, stride, activation)
+    chex.assert_trees_all_equal(ours.init(jax.random.key(1), x), params)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    want, got = reference.apply(params, x), PatchConv(features, stride).apply(params, x)
+    params = {"params": {"layers_0": params["params"]}}
+    want, got = reference.apply(params, x), ours.apply({"params": params["params"]["layers_0"]}, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if activation == "relu":
+        assert 0.2 < np.mean(np.asarray(got) == 0) < 0.8  # both sides of the kink are exercised
 
     def loss(module):
         return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
 
     g_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
-    g_got = jax.grad(loss(PatchConv(features, stride)), argnums=(0, 1))(params, x)
+    g_want = (g_want[0]["params"]["layers_0"], g_want[1])
+    g_got = jax.grad(loss(ours), argnums=(0, 1))({"params": params["params"]["layers_0"]}, x)
+    g_got = (g_got[0]["params"], g_got[1])
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -376,18 +393,24 @@ def test_patch_block_size():
     assert _block_size(100, 100) == 100
     assert _block_size(97, 451_584) == 9  # prime: 9 per block, the last padded
     assert _block_size(3, 10**9) == 1
+    from dlvm_jax.networks import conv3x3_by_patches
+
     with pytest.raises(ValueError, match="conv3x3_by_patches expects"):
-        from dlvm_jax.networks import conv3x3_by_patches
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 3, 4)))
+    with pytest.raises(ValueError, match="bias of shape"):
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), bias=jnp.zeros(3))
+    with pytest.raises(ValueError, match="applies only the activations relu, tanh.*'elu'"):
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), activation="elu")
 
 
-def test_conv_encoder_convs_options_agree():
+@pytest.mark.parametrize("activation", ["relu", "elu"])  # fused into the patch form's blocks, or applied after
+def test_conv_encoder_convs_options_agree(activation):
     """ConvEncoder(convs="patches") and convs="xla" share parameters (nn.Conv's, named Conv_0 to Conv_3) and compute
     the same function and gradients, per example under vmap as the losses run it; an unknown option is refused."""
     from dlvm_jax.networks import ConvEncoder
 
     x = (jax.random.uniform(jax.random.key(0), (3, 28, 28, 1)) > 0.5).astype(jnp.float32)
-    patches, xla = ConvEncoder(4), ConvEncoder(4, convs="xla")
+    patches, xla = ConvEncoder(4, activation=activation), ConvEncoder(4, activation=activation, convs="xla")
     params = patches.init(jax.random.key(1), x)
     chex.assert_trees_all_equal(xla.init(jax.random.key(1), x), params)
     assert sorted(params["params"]) == ["Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"]
