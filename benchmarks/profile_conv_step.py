@@ -1,6 +1,6 @@
 """Where the time of the conv VAE's gradient goes, by layer, from a ``jax.profiler`` trace of XLA's CPU kernels.
 
-    python -m benchmarks.profile_conv_step [--samples 1] [--out benchmarks/results/profile_conv_step.json]
+    python -m benchmarks.profile_conv_step [--samples 1] [--keep-freed-memory] [--out FILE]
 
 The gradient of the conv VAE loss of ``python -m benchmarks`` (batch 100; ELBO with one sample, IWAE with more) is
 compiled, run ``--repeats`` times under the profiler (XLA's per-kernel trace events switched on with
@@ -75,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_conv_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=1, help="Monte Carlo samples M (1: ELBO, more: IWAE)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="dlvm_jax.runtime.keep_freed_memory first (no page faults on the temporaries)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        from dlvm_jax.runtime import keep_freed_memory
+
+        keep_freed_memory()
 
     import jax
     import jax.numpy as jnp
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in by_layer.most_common():
         print(f"  {ms:7.1f} ms  {name}")
     write_result(args.out, {
-        "samples": args.samples, "batch": 100, "call_ms_median": round(float(np.median(wall)), 2),
+        "samples": args.samples, "batch": 100, "keep_freed_memory": args.keep_freed_memory,
+        "call_ms_median": round(float(np.median(wall)), 2),
         "kernel_ms_total": round(total, 2), "by_layer_ms": {k: round(v, 2) for k, v in by_layer.most_common()},
         "top_kernels": [{"kernel": k, "layer": layers[k][0], "shape": layers[k][1], "ms": round(v, 2)}
                         for k, v in per_kernel.most_common(25)]})

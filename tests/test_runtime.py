@@ -47,3 +47,32 @@ def test_keep_freed_memory_is_a_no_op_elsewhere(monkeypatch):
     monkeypatch.setattr(runtime, "_applied", False)
     monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
     assert runtime.keep_freed_memory() is False
+
+
+def test_benchmark_compare_takes_each_frameworks_best(tmp_path):
+    """benchmarks.compare sets each framework's fastest result over several runs against the other's, per setting,
+    and names the run it came from."""
+    import json
+
+    from benchmarks import compare
+
+    def run(jax_steps, eager_steps, jax_is, torch_is, malloc):
+        return {"command": "python -m benchmarks", "machine": {"date": "2026-12-03", "malloc": malloc},
+                "models": {"mlp_vae": {
+                    "train_M1": {"jax_steps_per_s": jax_steps, "torch_eager_steps_per_s": eager_steps,
+                                 "torch_compile_steps_per_s": None},
+                    "is_K5000": {"jax_logw_per_s": jax_is, "torch_logw_per_s": torch_is}}}}
+
+    files = []
+    runs = [("default", run(700.0, 400.0, 5e5, 1.3e5, "defaults")), ("kept", run(600.0, 450.0, 4.5e5, 2.5e5, "kept"))]
+    for name, r in runs:
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        files.append(f"{name}={tmp_path / f'{name}.json'}")
+    assert compare.main(files + ["--out", str(tmp_path / "best.json")]) == 0
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "best.json").read_text())["rows"]}
+    train, is_ = rows["train_M1"], rows["is_K5000"]
+    assert (train["jax"], train["jax_run"]) == (700.0, "default")
+    assert (train["torch_eager"], train["torch_eager_run"]) == (450.0, "kept")
+    assert train["ratio_vs_torch_eager"] == round(700 / 450, 3) and train["ratio_vs_torch_compile"] is None
+    assert (is_["jax_run"], is_["torch_run"], is_["ratio_vs_torch"]) == ("default", "kept", 2.0)
+    assert "| MLP VAE | train_M1 | 700 (default) | 450 (kept) | - | 1.56 | - |" in (tmp_path / "best.md").read_text()
