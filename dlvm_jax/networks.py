@@ -32,6 +32,21 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+#: Activations whose derivative is a function of their output. :func:`conv3x3_by_patches` and :func:`transpose2x`
+#: apply these inside their blocks, with the bias: the backward pass needs only the layer's output, and no pass over
+#: whole activation maps is left outside the blocks. Other activations are applied after the layer.
+OUTPUT_DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": lambda y: (y > 0).astype(y.dtype),  # nn.relu's derivative at 0 is 0 too
+    "tanh": lambda y: 1 - y * y,
+}
+
+
+def _check_fused_activation(name: str, activation: str | None) -> None:
+    if activation is not None and activation not in OUTPUT_DERIVATIVES:
+        raise ValueError(f"{name} applies only the activations {', '.join(OUTPUT_DERIVATIVES)} (their derivatives "
+                         f"are functions of their outputs), got {activation!r}; apply others to its output")
+
+
 #: Dense layers with at most this many inputs multiply-add instead of calling a matmul (see :func:`few_inputs_dot`).
 FEW_INPUTS = 2
 
@@ -417,46 +432,92 @@ def _transpose2x_received(h: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.stack([received(r, s) for r in range(3) for s in range(3)], axis=3)
 
 
-@_fold_vmapped_axes(summed=(False,))
-def _transpose2x_forward(h: jax.Array, kernel: jax.Array) -> tuple[jax.Array]:
-    return (_blockwise(lambda hb: _transpose2x_by_taps(hb, kernel), (h,), _transpose2x_maps_bytes(h, kernel)),)
+def _transpose2x_unpack(h: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The (3, 3, C, F) kernel and the (F,) bias, packed flat in ``weights`` (so that the custom VJP and its vmap
+    rules see one weight array)."""
+    channels = h.shape[-1]
+    features = weights.size // (9 * channels + 1)
+    return weights[:-features].reshape(3, 3, channels, features), weights[-features:]
 
 
-@_pullback_folded
-def _transpose2x_pullback(h: jax.Array, kernel: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _blockwise(lambda hb, gb: _taps_pullback(hb, kernel, _transpose2x_received(hb, gb)), (h, g),
-                      _transpose2x_maps_bytes(h, kernel), total=jnp.zeros_like(kernel))
+def _transpose2x_forward(h: jax.Array, weights: jax.Array, activation: str | None) -> tuple[jax.Array]:
+    kernel, bias = _transpose2x_unpack(h, weights)
+    act = ACTIVATIONS[activation] if activation else (lambda v: v)
+    return (_blockwise(lambda hb: act(_transpose2x_by_taps(hb, kernel) + bias), (h,),
+                       _transpose2x_maps_bytes(h, kernel)),)
 
 
-@jax.custom_vjp
-def transpose2x(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The 3x3, stride-2, "SAME" transposed convolution of ``nn.ConvTranspose`` (NHWC input, HWIO kernel, no bias)
-    in tap-map form: one (pixels, C) @ (C, 9 F) matmul and, for each of the four output phases, the sum of the
-    shifted maps of its taps (9 products per input pixel, none with a zero); the backward pass is the same two
-    matmuls transposed. Both run over blocks of examples of about BLOCK_BYTES of maps, with vmapped axes folded
-    into the example axis. On XLA's CPU backend (2 cores) the conv VAE decoder, vmapped over 100 examples x 10
-    samples as the IWAE loss runs it, is several times faster forward + backward this way than with XLA's
-    convolutions and their autodiff (``python -m benchmarks.profile_conv``)."""
-    return _transpose2x_forward(h, kernel)[0]
+def _transpose2x_pullback(h: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array,
+                          activation: str | None) -> tuple[jax.Array, jax.Array]:
+    kernel, _ = _transpose2x_unpack(h, weights)
+
+    def block(hb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        gz = gb * OUTPUT_DERIVATIVES[activation](yb) if activation else gb  # the gradient before the activation
+        dh, dkernel = _taps_pullback(hb, kernel, _transpose2x_received(hb, gz))
+        return dh, jnp.concatenate([dkernel.reshape(-1), jnp.sum(gz, axis=(0, 1, 2))])
+
+    return _blockwise(block, (h, y, g), _transpose2x_maps_bytes(h, kernel), total=jnp.zeros_like(weights))
 
 
-transpose2x.defvjp(lambda h, kernel: (_transpose2x_forward(h, kernel)[0], (h, kernel)),
-                   lambda res, g: _transpose2x_pullback(*res, g))
+@functools.cache
+def _transpose2x_vjp(activation: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    forward = _fold_vmapped_axes(summed=(False,))(lambda h, weights: _transpose2x_forward(h, weights, activation))
+    pullback = _fold_vmapped_axes(summed=(False, True))(
+        lambda h, weights, y, g: _transpose2x_pullback(h, weights, y, g, activation))
+
+    @jax.custom_vjp
+    def conv(h: jax.Array, weights: jax.Array) -> jax.Array:
+        return forward(h, weights)[0]
+
+    def conv_fwd(h: jax.Array, weights: jax.Array):
+        y = forward(h, weights)[0]
+        return y, (h, weights, y)
+
+    conv.defvjp(conv_fwd, lambda res, g: pullback(*res, g))
+    return conv
+
+
+def transpose2x(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                activation: str | None = None) -> jax.Array:
+    """``activation(y + bias)`` for the 3x3, stride-2, "SAME" transposed convolution ``y`` of ``nn.ConvTranspose``
+    (NHWC input, HWIO kernel; no bias and no activation by default), in tap-map form: one (pixels, C) @ (C, 9 F)
+    matmul and, for each of the four output phases, the sum of the shifted maps of its taps (9 products per input
+    pixel, none with a zero); the backward pass is the same two matmuls transposed. Both run over blocks of
+    examples of about BLOCK_BYTES of maps, with vmapped axes folded into the example axis, and apply the bias and
+    the activation (one of :data:`OUTPUT_DERIVATIVES`) in the same blocks. On XLA's CPU backend (2 cores) the conv
+    VAE decoder, vmapped over 100 examples x 10 samples as the IWAE loss runs it, is several times faster forward +
+    backward this way than with XLA's convolutions and their autodiff (``python -m benchmarks.profile_conv``).
+    Reverse-mode derivatives only (a custom VJP)."""
+    if h.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != h.shape[-1]:
+        raise ValueError(f"transpose2x expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got {h.shape} and "
+                         f"{kernel.shape}")
+    features = kernel.shape[-1]
+    bias = jnp.zeros((features,), kernel.dtype) if bias is None else bias
+    if bias.shape != (features,):
+        raise ValueError(f"transpose2x expects a bias of shape {(features,)}, got {bias.shape}")
+    _check_fused_activation("transpose2x", activation)
+    return _transpose2x_vjp(activation)(h, jnp.concatenate([kernel.reshape(-1), bias]))
 
 
 class ConvTranspose2x(nn.Module):
-    """``nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME")``: the same parameters and outputs,
-    computed by :func:`transpose2x` or, with ``taps=False``, as XLA's 2x2 convolution onto the four output phases
-    (:func:`_transpose2x_by_phases`, differentiated by XLA). tests/test_models.py checks both against flax's layer."""
+    """``nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME")`` (the same parameters and outputs),
+    followed by ``activation`` if one is given (one of :data:`OUTPUT_DERIVATIVES`): computed by :func:`transpose2x`
+    or, with ``taps=False``, as XLA's 2x2 convolution onto the four output phases (:func:`_transpose2x_by_phases`,
+    differentiated by XLA). tests/test_models.py checks both against flax's layer."""
 
     features: int
     taps: bool = True
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, h.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return (transpose2x if self.taps else _transpose2x_by_phases)(h, kernel) + bias
+        if self.taps:
+            return transpose2x(h, kernel, bias, self.activation)
+        _check_fused_activation("ConvTranspose2x", self.activation)
+        act = ACTIVATIONS[self.activation] if self.activation else (lambda v: v)
+        return act(_transpose2x_by_phases(h, kernel) + bias)
 
 
 # Convolutions as matmuls onto patches ("im2col"), block by block. For the encoder's convolutions (32 and 64
@@ -494,15 +555,6 @@ def _out_shape(x: jax.Array, stride: int) -> tuple[int, int]:
 def _patches_bytes(x: jax.Array, stride: int) -> int:
     oh, ow = _out_shape(x, stride)
     return oh * ow * 9 * x.shape[-1] * x.dtype.itemsize
-
-
-#: Activations whose derivative is a function of their output. :func:`conv3x3_by_patches` applies these inside its
-#: blocks, with the bias: the backward pass needs only the layer's output, and no pass over whole activation maps
-#: is left outside the blocks. Other activations are applied after the layer.
-OUTPUT_DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": lambda y: (y > 0).astype(y.dtype),  # nn.relu's derivative at 0 is 0 too
-    "tanh": lambda y: 1 - y * y,
-}
 
 
 def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None) -> jax.Array:
@@ -576,10 +628,7 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
                          f"{x.shape} and {kernel.shape}")
-    if activation is not None and activation not in OUTPUT_DERIVATIVES:
-        raise ValueError(f"conv3x3_by_patches applies only the activations {', '.join(OUTPUT_DERIVATIVES)} "
-                         f"(their derivatives are functions of their outputs), got {activation!r}; apply others "
-                         f"to its output")
+    _check_fused_activation("conv3x3_by_patches", activation)
     features = kernel.shape[-1]
     bias = jnp.zeros((features,), kernel.dtype) if bias is None else bias
     if bias.shape != (features,):
@@ -629,7 +678,10 @@ class ConvDecoder(nn.Module):
         lead = z.shape[:-1]
         h = act(dense(14 * 14 * 64, z.shape[-1])(z.reshape((-1, z.shape[-1]))))
         h = h.reshape((-1, 14, 14, 64))
-        h = act(ConvTranspose2x(32, taps=taps, name="ConvTranspose_0")(h))
+        if self.activation in OUTPUT_DERIVATIVES:  # applied inside the tap-map form's blocks, with the bias
+            h = ConvTranspose2x(32, taps=taps, activation=self.activation, name="ConvTranspose_0")(h)
+        else:
+            h = act(ConvTranspose2x(32, taps=taps, name="ConvTranspose_0")(h))
         last = TapConv if taps else functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME")
         h = last(self.channels_out, name="Conv_0")(h)  # (n, 28, 28, C), nn.Conv's parameters either way
         h = jnp.moveaxis(h, -1, 1)  # channel-major so that a Gaussian's [loc, scale] split is contiguous

@@ -198,12 +198,15 @@ def test_mlp_handles_leading_axes():
 
 
 @pytest.mark.parametrize("taps", [True, False])
-@pytest.mark.parametrize("size,block_bytes", [((3, 14, 14, 5), 4 << 20), ((2, 7, 9, 4), 4 << 20),
-                                              ((7, 5, 6, 3), 30000)])  # 7 examples in blocks of 3, 2 padded
-def test_conv_transpose_2x_equals_flax_conv_transpose(size, block_bytes, taps, monkeypatch):
-    """The decoder's stride-2 transposed conv (tap-map form, or the phase convolution) computes nn.ConvTranspose's
-    function with the same parameters: outputs and gradients agree to float32 rounding, in one block of examples or
-    in several with a zero-padded last one."""
+@pytest.mark.parametrize("size,block_bytes,activation", [
+    ((3, 14, 14, 5), 4 << 20, None), ((2, 7, 9, 4), 4 << 20, "tanh"),
+    ((7, 5, 6, 3), 30000, None), ((7, 5, 6, 3), 30000, "relu"),  # 7 examples in blocks of 3, 2 padded
+])
+def test_conv_transpose_2x_equals_flax_conv_transpose(size, block_bytes, activation, taps, monkeypatch):
+    """The decoder's stride-2 transposed conv (tap-map form, or the phase convolution), with the bias and the
+    activation applied inside its blocks, computes nn.ConvTranspose's function followed by the activation, with the
+    same parameters: outputs and gradients agree to float32 rounding, in one block of examples or in several with a
+    zero-padded last one."""
     import flax.linen as nn
 
     from dlvm_jax import networks
@@ -215,14 +218,24 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(size, block_bytes, taps, m
             jnp.zeros(size), jnp.zeros((3, 3, size[-1], 6)))) == 3
 
     x = jax.random.normal(jax.random.key(0), size)
-    reference = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="SAME")
-    params = reference.init(jax.random.key(1), x)
+    flax_layer = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="SAME")
+    act = networks.get_activation(activation) if activation else (lambda v: v)
+    params = flax_layer.init(jax.random.key(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    ours = ConvTranspose2x(6, taps=taps)
+    ours = ConvTranspose2x(6, taps=taps, activation=activation)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+
+    class Reference:  # flax's layer, then the activation
+        @staticmethod
+        def apply(p, x):
+            return act(flax_layer.apply(p, x))
+
+    reference = Reference()
     want, got = reference.apply(params, x), ours.apply(params, x)
     assert got.shape == (size[0], 2 * size[1], 2 * size[2], 6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if activation == "relu":
+        assert 0.2 < np.mean(np.asarray(got) == 0) < 0.8  # both sides of the kink are exercised
 
     def loss(module):
         return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
@@ -289,8 +302,8 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
         networks.few_inputs_dot(x, w0["kernel"], (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "patch_conv", "patch_conv_stride2",
-                                   "patch_conv_relu", "patch_conv_stride2_tanh"])
+@pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "transpose2x_relu", "patch_conv",
+                                   "patch_conv_stride2", "patch_conv_relu", "patch_conv_stride2_tanh"])
 def test_tap_form_gradients_under_vmap(layer):
     """The tap-form and patch-form convolutions fold vmapped axes into the example axis (custom vmap rules):
     outputs and gradients through one and two levels of vmap, and with a vmapped kernel (the rules' fallback),
@@ -300,14 +313,16 @@ def test_tap_form_gradients_under_vmap(layer):
     from dlvm_jax.networks import conv3x3_by_patches, conv3x3_by_taps, transpose2x
 
     ours = {"tap_conv": conv3x3_by_taps, "transpose2x": transpose2x, "patch_conv": conv3x3_by_patches,
+            "transpose2x_relu": lambda x, k: transpose2x(x, k, k[0, 0, 0], "relu"),
             "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2),
             "patch_conv_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu"),
             "patch_conv_stride2_tanh": lambda x, k: conv3x3_by_patches(x, k, 2, k[0, 0, 0], "tanh")}[layer]
     # (the fused forms with a bias taken from the kernel, and their activation)
     after = {"patch_conv_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
+             "transpose2x_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "patch_conv_stride2_tanh": lambda y, k: jnp.tanh(y + k[0, 0, 0])}.get(layer, lambda y, k: y)
-    features = 3 if layer == "transpose2x" else 2
-    if layer == "transpose2x":
+    features = 3 if layer.startswith("transpose2x") else 2
+    if layer.startswith("transpose2x"):
         reference = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
     else:
         stride = 2 if "stride2" in layer else 1
@@ -401,6 +416,14 @@ def test_patch_block_size():
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), bias=jnp.zeros(3))
     with pytest.raises(ValueError, match="applies only the activations relu, tanh.*'elu'"):
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), activation="elu")
+    from dlvm_jax.networks import transpose2x
+
+    with pytest.raises(ValueError, match="transpose2x expects"):
+        transpose2x(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 3, 4)))
+    with pytest.raises(ValueError, match="transpose2x expects a bias of shape"):
+        transpose2x(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), jnp.zeros(2))
+    with pytest.raises(ValueError, match="transpose2x applies only"):
+        transpose2x(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), activation="gelu")
 
 
 @pytest.mark.parametrize("activation", ["relu", "elu"])  # fused into the patch form's blocks, or applied after
@@ -426,13 +449,14 @@ def test_conv_encoder_convs_options_agree(activation):
         ConvEncoder(4, convs="cudnn").init(jax.random.key(1), x)
 
 
-def test_conv_decoder_convs_options_agree():
+@pytest.mark.parametrize("activation", ["relu", "elu"])  # fused into the tap-map form's blocks, or applied after
+def test_conv_decoder_convs_options_agree(activation):
     """ConvDecoder(convs="taps") and convs="xla" share parameters and compute the same function and gradients;
     an unknown option is refused."""
     from dlvm_jax.networks import ConvDecoder
 
     z = jax.random.normal(jax.random.key(0), (2, 3, 2))
-    taps, xla = ConvDecoder(2), ConvDecoder(2, convs="xla")
+    taps, xla = ConvDecoder(2, activation=activation), ConvDecoder(2, activation=activation, convs="xla")
     params = taps.init(jax.random.key(1), z)
     chex.assert_trees_all_equal(xla.init(jax.random.key(1), z), params)
     np.testing.assert_allclose(taps.apply(params, z), xla.apply(params, z), rtol=1e-5, atol=1e-5)
