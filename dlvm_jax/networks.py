@@ -183,8 +183,8 @@ class ConvEncoder(nn.Module):
     linear layer of width ``out`` (the binarized-MNIST VAE of the seeds, output 14x14 after the strided conv).
 
     ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`),
-    measured faster on XLA's CPU backend (2 cores, batch 100, vmapped per example as the losses run it: 59.5 ms
-    forward+backward against 72.6 ms, ``python -m benchmarks.profile_conv``), with the bias and a relu or tanh
+    measured faster on XLA's CPU backend (2 cores, batch 100, vmapped per example as the losses run it: 65 ms
+    forward+backward against 85 ms, ``python -m benchmarks.profile_conv``), with the bias and a relu or tanh
     activation applied inside its blocks; ``convs="xla"`` leaves them to XLA's convolutions and their autodiff (e.g.
     on a GPU, or for second derivatives and forward mode: the patch form defines reverse-mode derivatives only).
     The parameters (``nn.Conv``'s, named Conv_0 to Conv_3) and the function are the same either way."""

@@ -27,8 +27,9 @@ def keep_freed_memory() -> bool:
     Call it first thing in a program, before JAX's first computation: threads that have allocated already keep
     their own arenas. The process's resident memory then stays near its peak until it exits, and all threads share
     one arena: measured on 2 cores, the conv VAE's train step ran 1.1x (one sample) to 1.3x (ten) faster, with its
-    peak memory up from 1.2 to 2.5 GB at ten samples, while the small MLP VAE and GMVAE steps, which allocate
-    little, ran 14-34% slower (``python -m benchmarks.profile_malloc``).
+    peak memory up from 1.1 to 2.1 GB at ten samples, while the small MLP VAE and GMVAE steps, which allocate
+    little, ran up to 24% slower (the MLP VAE with one sample 1.16x faster in one profile, 0.86x in another;
+    ``python -m benchmarks.profile_malloc``).
     Returns True where it applied (Linux with glibc), False elsewhere, where it changes nothing."""
     global _applied
     if _applied:
