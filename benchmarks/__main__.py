@@ -109,6 +109,21 @@ def prepare_data(folder: Path, data_dir: str | None, num_images: int) -> dict[st
             "spiral_source": "dlvm_jax.data.make_spiral(5000, seed=0)"}
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command line as recorded in the results, free of this machine's paths: absolute paths inside the
+    repository made relative to it, others (an output or data folder elsewhere) shown as DIR."""
+    def show(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute():
+            return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else "DIR"
+        if "=" in arg and arg.startswith("--"):
+            flag, _, value = arg.partition("=")
+            return f"{flag}={show(value)}"
+        return arg
+
+    return " ".join(["python -m benchmarks", *map(show, argv)])
+
+
 def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     task = {"keep_freed_memory": args.keep_freed_memory, **task}
     env = dict(os.environ)
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]  # see benchmarks.worker._no_tensorflow
     start = time.perf_counter()
     load_start = os.getloadavg()
-    results: dict[str, Any] = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+    results: dict[str, Any] = {"command": shown_command(sys.argv[1:] if argv is None else argv),
                                "machine": machine(args), "quick": args.quick}
     results["machine"]["load_average_start"] = [round(x, 2) for x in load_start]
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, load average "

@@ -321,6 +321,24 @@ def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]
 _pullback_folded = _fold_vmapped_axes(summed=(False, True))
 
 
+def _custom_vjp_keeping_output(forward: Callable, pullback: Callable) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``f(x, weights)`` with the custom VJP ``pullback(x, weights, y, g) -> (dx, dweights)``, which gets the output
+    ``y`` as a residual (an activation's derivative from its output); both folded over vmapped axes."""
+    folded_forward = _fold_vmapped_axes(summed=(False,))(lambda x, weights: (forward(x, weights),))
+    folded_pullback = _fold_vmapped_axes(summed=(False, True))(pullback)
+
+    @jax.custom_vjp
+    def f(x: jax.Array, weights: jax.Array) -> jax.Array:
+        return folded_forward(x, weights)[0]
+
+    def f_fwd(x: jax.Array, weights: jax.Array):
+        y = folded_forward(x, weights)[0]
+        return y, (x, weights, y)
+
+    f.defvjp(f_fwd, lambda res, g: folded_pullback(*res, g))
+    return f
+
+
 def _conv3x3_by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
     height, width = x.shape[1:3]
     maps = jnp.pad(_tap_maps(x, kernel), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
@@ -440,11 +458,10 @@ def _transpose2x_unpack(h: jax.Array, weights: jax.Array) -> tuple[jax.Array, ja
     return weights[:-features].reshape(3, 3, channels, features), weights[-features:]
 
 
-def _transpose2x_forward(h: jax.Array, weights: jax.Array, activation: str | None) -> tuple[jax.Array]:
+def _transpose2x_forward(h: jax.Array, weights: jax.Array, activation: str | None) -> jax.Array:
     kernel, bias = _transpose2x_unpack(h, weights)
     act = ACTIVATIONS[activation] if activation else (lambda v: v)
-    return (_blockwise(lambda hb: act(_transpose2x_by_taps(hb, kernel) + bias), (h,),
-                       _transpose2x_maps_bytes(h, kernel)),)
+    return _blockwise(lambda hb: act(_transpose2x_by_taps(hb, kernel) + bias), (h,), _transpose2x_maps_bytes(h, kernel))
 
 
 def _transpose2x_pullback(h: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array,
@@ -461,20 +478,9 @@ def _transpose2x_pullback(h: jax.Array, weights: jax.Array, y: jax.Array, g: jax
 
 @functools.cache
 def _transpose2x_vjp(activation: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    forward = _fold_vmapped_axes(summed=(False,))(lambda h, weights: _transpose2x_forward(h, weights, activation))
-    pullback = _fold_vmapped_axes(summed=(False, True))(
+    return _custom_vjp_keeping_output(
+        lambda h, weights: _transpose2x_forward(h, weights, activation),
         lambda h, weights, y, g: _transpose2x_pullback(h, weights, y, g, activation))
-
-    @jax.custom_vjp
-    def conv(h: jax.Array, weights: jax.Array) -> jax.Array:
-        return forward(h, weights)[0]
-
-    def conv_fwd(h: jax.Array, weights: jax.Array):
-        y = forward(h, weights)[0]
-        return y, (h, weights, y)
-
-    conv.defvjp(conv_fwd, lambda res, g: pullback(*res, g))
-    return conv
 
 
 def transpose2x(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -600,21 +606,9 @@ def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 @functools.cache
 def _conv_by_patches_vjp(stride: int, activation: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    forward = _fold_vmapped_axes(summed=(False,))(
-        lambda x, weights: (_conv_by_patches(x, weights, stride, activation),))
-    pullback = _fold_vmapped_axes(summed=(False, True))(
+    return _custom_vjp_keeping_output(
+        lambda x, weights: _conv_by_patches(x, weights, stride, activation),
         lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation))
-
-    @jax.custom_vjp
-    def conv(x: jax.Array, weights: jax.Array) -> jax.Array:
-        return forward(x, weights)[0]
-
-    def conv_fwd(x: jax.Array, weights: jax.Array):
-        y = forward(x, weights)[0]
-        return y, (x, weights, y)
-
-    conv.defvjp(conv_fwd, lambda res, g: pullback(*res, g))
-    return conv
 
 
 def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: jax.Array | None = None,

@@ -76,3 +76,13 @@ def test_benchmark_compare_takes_each_frameworks_best(tmp_path):
     assert train["ratio_vs_torch_eager"] == round(700 / 450, 3) and train["ratio_vs_torch_compile"] is None
     assert (is_["jax_run"], is_["torch_run"], is_["ratio_vs_torch"]) == ("default", "kept", 2.0)
     assert "| MLP VAE | train_M1 | 700 (default) | 450 (kept) | - | 1.56 | - |" in (tmp_path / "best.md").read_text()
+
+
+def test_benchmark_command_hides_this_machines_paths(tmp_path):
+    """The command recorded in the benchmark results shows folders outside the repository as DIR and those inside
+    it relative to it."""
+    from benchmarks.__main__ import ROOT, shown_command
+
+    inside = str(ROOT / "benchmarks" / "results")
+    assert (shown_command(["--out", str(tmp_path), f"--data-dir={tmp_path}", "--out", inside, "--quick"])
+            == "python -m benchmarks --out DIR --data-dir=DIR --out benchmarks/results --quick")
