@@ -348,6 +348,10 @@ def main(argv: list[str]) -> int:
         from dlvm_jax.runtime import keep_freed_memory
 
         keep = keep_freed_memory()
+    if "temp_heap_bytes" in task:  # JAX: dlvm_jax.runtime's per-heap limit of temporaries (0: XLA's one block)
+        from dlvm_jax import runtime
+
+        runtime.TEMP_HEAP_BYTES = int(task["temp_heap_bytes"])
     try:
         out = TASKS[(task["kind"], task["framework"])](task)
         out["peak_rss_mb"] = rss_mb()
@@ -360,6 +364,10 @@ def main(argv: list[str]) -> int:
                "traceback_tail": traceback.format_exc().splitlines()[-6:]}
     out["threads"] = cores()
     out["malloc_keeps_freed_memory"] = keep
+    if task["framework"] == "jax":
+        from dlvm_jax import runtime
+
+        out["temp_heap_bytes"] = runtime.TEMP_HEAP_BYTES
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from dlvm_jax import parallel
 from dlvm_jax.checkpoint import CheckpointError, Checkpoints, host_array, leaf_name
 from dlvm_jax.objectives import LossFn, Metrics
+from dlvm_jax.runtime import jit_reusing_temporaries
 
 Params = Any
 
@@ -110,9 +111,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     :mod:`~dlvm_jax.parallel` ``mesh`` the state must be replicated on it and the batch is split over its devices;
     ``skip_nonfinite`` skips updates with a non-finite loss term or gradient."""
     if mesh is None and not skip_nonfinite:
-        return jax.jit(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
+        return jit_reusing_temporaries(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
     step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
-    return jax.jit(lambda state, batch: step(state, batch)[:2], donate_argnums=0, **_jit_kwargs(mesh))
+    return jit_reusing_temporaries(lambda state, batch: step(state, batch)[:2], donate_argnums=0, **_jit_kwargs(mesh))
 
 
 def check_batch_size(batch_size: int, num_examples: int) -> int:
@@ -208,7 +209,7 @@ class _Engine:
         self.mesh = mesh
         self.skip_nonfinite = skip_nonfinite
         step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
-        self.step = jax.jit(step, donate_argnums=0, **_jit_kwargs(mesh))
+        self.step = jit_reusing_temporaries(step, donate_argnums=0, **_jit_kwargs(mesh))
         self.scan_epoch = jax.jit(
             _epoch_with_health(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite),
             donate_argnums=0, **_jit_kwargs(mesh, batch_leading=None))

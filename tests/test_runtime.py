@@ -1,4 +1,5 @@
-"""dlvm_jax.runtime.keep_freed_memory: repeated jitted calls stop page-faulting their temporaries in afresh."""
+"""dlvm_jax.runtime: repeated jitted calls stop page-faulting their temporaries in afresh, process-wide
+(keep_freed_memory) or through XLA's heaps of temporaries (jit_reusing_temporaries)."""
 
 import json
 import platform
@@ -39,6 +40,91 @@ def test_keep_freed_memory_stops_page_faults():
     assert kept["applied"] is True
     assert default["faults"] > 0.5 * PAGES  # glibc maps and unmaps the temporary at every call...
     assert kept["faults"] < 0.05 * PAGES  # ...and keeps it for the next call once told to
+
+
+# Eight 8 MB arrays alive at once (42 MB of temporaries, over glibc's largest mmap threshold, 32 MiB), in XLA's one
+# block of temporaries or in heaps of dlvm_jax.runtime.TEMP_HEAP_BYTES; prints the page faults of 10 calls.
+HEAPS_PROGRAM = """
+import json, resource, sys
+from dlvm_jax import runtime
+if sys.argv[1] == "one_block":
+    runtime.TEMP_HEAP_BYTES = 0
+import jax, jax.numpy as jnp
+
+def f(x, w):
+    h = [x]
+    for _ in range(8):
+        h.append(jnp.tanh(h[-1] @ w))
+    return sum(jnp.sum(a * b) for a, b in zip(h, h[::-1]))
+
+g = runtime.jit_reusing_temporaries(f)
+x, w = jnp.ones((1024, 2048)), jnp.eye(2048) * 0.5
+for _ in range(3):
+    g(x, w).block_until_ready()
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    g(x, w).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": faults, "temp": g.lower(x, w).compile().memory_analysis().temp_size_in_bytes}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_heaps_of_temporaries_are_reused_between_calls():
+    """In one block, the temporaries are mapped afresh at every call; in heaps of TEMP_HEAP_BYTES, glibc serves
+    most calls from memory it kept (at times it still returns a heap to the system, hence the median)."""
+    runs = {}
+    for mode in ("one_block", "heaps"):
+        out = subprocess.run([sys.executable, "-c", HEAPS_PROGRAM, mode], capture_output=True, text=True, check=True)
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    pages = runs["heaps"]["temp"] / 4096
+    assert runs["one_block"]["temp"] == runs["heaps"]["temp"] > 32 << 20
+    assert min(runs["one_block"]["faults"]) > 0.2 * pages
+    assert sorted(runs["heaps"]["faults"])[5] < 0.02 * pages
+
+
+def test_temp_heap_options_only_for_cpu_computations_of_small_arrays(monkeypatch):
+    """The option is chosen from the lowered computation: on the CPU, when no array is larger than a heap."""
+    import jax
+    import jax.numpy as jnp
+
+    from dlvm_jax import runtime
+
+    small = jax.jit(lambda x: jnp.tanh(x) @ x.T).lower(jnp.ones((100, 30)))
+    big = jax.jit(lambda x: jnp.tanh(x) @ x.T).lower(jnp.ones((3000, 30)))  # a 36 MB output
+    assert runtime.largest_array_bytes(small.as_text()) == 100 * 100 * 4
+    assert runtime.largest_array_bytes(big.as_text()) == 3000 * 3000 * 4
+    assert runtime.largest_array_bytes("func(%a: tensor<f32>, %b: tensor<2x3xi1>, %c: tensor<4x5xbf16>)") == 40
+    assert runtime.temp_heap_options(small, platform="cpu") == {
+        "xla_multiheap_size_constraint_per_heap": runtime.TEMP_HEAP_BYTES}
+    assert runtime.temp_heap_options(big, platform="cpu") == {}
+    assert runtime.temp_heap_options(small, platform="gpu") == {}
+    monkeypatch.setattr(runtime, "TEMP_HEAP_BYTES", 0)
+    assert runtime.temp_heap_options(small, platform="cpu") == {}
+
+
+def test_jit_reusing_temporaries_behaves_like_jit():
+    """Same values as jax.jit, donation honoured, other shapes recompiled, ``lower`` available, name kept."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dlvm_jax.runtime import jit_reusing_temporaries
+
+    def step(state, x):
+        return state + jnp.sum(jnp.tanh(x @ x.T)), jnp.mean(x)
+
+    g = jit_reusing_temporaries(step, donate_argnums=0)
+    x = jax.random.normal(jax.random.key(0), (50, 20))
+    state = jnp.ones(3)
+    want = jax.jit(step)(jnp.ones(3), x)
+    got = g(state, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert state.is_deleted()  # donated
+    assert g(jnp.ones(3), x[:7])[1] == jnp.mean(x[:7])
+    assert "tanh" in g.lower(jnp.ones(3), x).as_text()
+    assert g.__name__ == "step"
 
 
 def test_keep_freed_memory_is_a_no_op_elsewhere(monkeypatch):
