@@ -642,7 +642,8 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     (pixels, 9 C) @ (9 C, F) matmuls onto patches, with the bias and the activation (one of
     :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
     stride 1, the input gradient the same convolution of the output gradient with the flipped kernel, at stride 2
-    a sum of the output gradient's tap maps (:func:`_stride2_input_gradient`); at wider strides it is XLA's. Reverse-mode derivatives only (a custom VJP)."""
+    a sum of the output gradient's tap maps (:func:`_stride2_input_gradient`); at wider strides it is XLA's.
+    Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
                          f"{x.shape} and {kernel.shape}")

@@ -1,11 +1,18 @@
-"""Process-level settings for running dlvm_jax on a CPU.
+"""Memory settings for running dlvm_jax on a CPU: process-wide (keep_freed_memory) or per compiled function.
 
 XLA's CPU runtime allocates the temporaries of a compiled function at every call. On Linux, glibc's malloc serves
 a large request from a worker thread's arena with a fresh ``mmap`` and returns it with ``munmap`` when the call
 ends, so the next call page-faults the same memory in again and the kernel zeroes it: the conv VAE's train step
 (batch 100, about 90 MB of temporaries) takes some 20,000 page faults a call. :func:`keep_freed_memory` makes
-malloc keep freed memory for reuse instead. ``python -m benchmarks.profile_malloc`` measures what it changes, for
-JAX and for PyTorch (whose eager mode gains more from it).
+malloc keep freed memory for reuse instead, for the whole process. ``python -m benchmarks.profile_malloc``
+measures what it changes, for JAX and for PyTorch (whose eager mode gains more from it).
+
+:func:`jit_reusing_temporaries` (what :func:`dlvm_jax.train.make_train_step` compiles with) leaves the allocator
+alone and changes what XLA asks of it: the temporaries come in heaps of at most :data:`TEMP_HEAP_BYTES` instead of
+one block, under glibc's largest ``mmap`` threshold, so that malloc keeps them for the next call. Only partly:
+glibc still returns a heap to the system when a whole per-thread sub-heap (64 MiB) falls free or its free top
+exceeds the trim threshold, so some calls, or in some processes every call, still fault part of the temporaries
+in (the conv VAE's step: 0 faults in most calls of most runs, ~6,100 a call in others, against ~20,000).
 """
 
 from __future__ import annotations
@@ -87,9 +94,11 @@ def temp_heap_options(lowered: Any, *, platform: str | None = None) -> dict[str,
 class jit_reusing_temporaries:  # noqa: N801 (used like jax.jit)
     """``jax.jit(fun, **jit_kwargs)``, compiled at its first call with :func:`temp_heap_options` for the arguments
     of that call, so that on a CPU repeated calls reuse the memory of their temporaries instead of page-faulting it
-    in afresh: the conv VAE's train step (batch 100, one sample) ran in 60 ms instead of 80, its page faults down
-    from 19,800 a call to none in most calls (``python -m benchmarks.profile_malloc``). Later calls with other
-    shapes compile with the same options. ``lower`` and the jitted function's other uses work as for ``jax.jit``."""
+    in afresh (see the module's notes for when glibc still returns them). Measured on 2 cores: the conv VAE's
+    gradient (batch 100, one sample) in 60 ms instead of 80 (median of 20 repeats each, 0 page faults a call in the
+    median against 19,800); its train step in the benchmark's workers, four interleaved pairs, 7.7-12.0 steps/s
+    against 6.7-10.4 on a noisy host. Later calls with other shapes compile with the same options; ``lower``
+    works as for ``jax.jit``."""
 
     def __init__(self, fun: Callable, **jit_kwargs: Any) -> None:
         self._fun, self._jit_kwargs = fun, jit_kwargs
