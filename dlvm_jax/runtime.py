@@ -67,7 +67,8 @@ def keep_freed_memory() -> bool:
 #: :func:`jit_reusing_temporaries`. XLA otherwise places all of a computation's temporaries in one block, 77 MB for
 #: the conv VAE's train step, which glibc serves with a fresh ``mmap`` at every call (anything over its dynamic
 #: threshold, at most 32 MiB). Heaps under that threshold come back from malloc's free lists instead. 20, 24 and
-#: 28 MiB measured on that step (2 cores): 24 MiB the fastest, 28 MiB still page-faulting 13,800 times a call.
+#: 28 MiB measured on that step's gradient (2 cores, ``python -m benchmarks.profile_heaps``): 24 MiB the fastest
+#: in the first sweep, 28 MiB still page-faulting 13,800 times a call in every sweep.
 #: 0 leaves XLA's single block (what ``python -m benchmarks.profile_malloc`` compares against).
 TEMP_HEAP_BYTES = 24 << 20
 _HEAP_OPTION = "xla_multiheap_size_constraint_per_heap"
@@ -94,10 +95,11 @@ def temp_heap_options(lowered: Any, *, platform: str | None = None) -> dict[str,
 class jit_reusing_temporaries:  # noqa: N801 (used like jax.jit)
     """``jax.jit(fun, **jit_kwargs)``, compiled at its first call with :func:`temp_heap_options` for the arguments
     of that call, so that on a CPU repeated calls reuse the memory of their temporaries instead of page-faulting it
-    in afresh (see the module's notes for when glibc still returns them). Measured on 2 cores: the conv VAE's
-    gradient (batch 100, one sample) in 60 ms instead of 80 (median of 20 repeats each, 0 page faults a call in the
-    median against 19,800); its train step in the benchmark's workers, four interleaved pairs, 7.7-12.0 steps/s
-    against 6.7-10.4 on a noisy host. Later calls with other shapes compile with the same options; ``lower``
+    in afresh (see the module's notes for when glibc still returns them). Measured on 2 cores
+    (``python -m benchmarks.profile_heaps``, three sweeps): the conv VAE's gradient (batch 100, one sample) in
+    60-89 ms instead of 80-120 (medians of 20 repeats), 0-10,500 page faults a call in the median against 19,800;
+    its train step in the benchmark's workers, four interleaved pairs, 7.7-12.0 steps/s against 6.7-10.4 on a
+    noisy host. Later calls with other shapes compile with the same options; ``lower``
     works as for ``jax.jit``."""
 
     def __init__(self, fun: Callable, **jit_kwargs: Any) -> None:
