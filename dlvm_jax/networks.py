@@ -595,7 +595,7 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
 
     per_example = _patches_bytes(x, stride) + (_patches_bytes(g, 1) if stride == 1 else 0)
     if stride == 2:  # the tap maps of the output gradient
-        per_example += out_shape[0] * out_shape[1] * 9 * channels * x.dtype.itemsize
+        per_example += _transpose2x_maps_bytes(g, jnp.swapaxes(kernel, 2, 3))
     dx, dweights = _blockwise(block, (x, y, g), per_example, total=jnp.zeros_like(weights))
     if stride > 2:  # a wider stride's input gradient is left to XLA (dx holds gz here)
         _, pullback = jax.vjp(lambda x: _conv_by_xla(x, kernel, stride), x)
@@ -604,23 +604,14 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
 
 
 def _stride2_input_gradient(gz: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
-    """The input gradient of a 3x3, stride-2 "SAME" convolution in tap-map form, given the gradient ``gz`` of its
-    (n, oh, ow, F) output: output pixel (i, j) read padded input pixel (2i + r, 2j + s) through tap (r, s), so that
-    pixel receives map (r, s) of gz[i, j], gz[i, j] @ k[r, s]^T. One (pixels, F) @ (F, 9 C) matmul, then each of
-    the four phases of the padded input (its even or odd rows and columns) sums the shifted maps that land on it;
-    XLA's strided-convolution gradient (a dilated convolution) ran several times slower on its CPU backend."""
-    n, oh, ow, _ = gz.shape
-    maps = _tap_maps(gz, jnp.swapaxes(kernel, 2, 3))  # (n, oh, ow, 3, 3, C)
-
-    def landing(r: int, s: int) -> jax.Array:  # map (r, s) at phase position (i + r // 2, j + s // 2)
-        return jnp.pad(maps[:, :, :, r, s], ((0, 0), (r // 2, 1 - r // 2), (s // 2, 1 - s // 2), (0, 0)))
-
-    phase = {(a, b): functools.reduce(jnp.add, [landing(r, s) for r in range(a, 3, 2) for s in range(b, 3, 2)])
-             for a in range(2) for b in range(2)}
-    padded = jnp.stack([jnp.stack([phase[a, 0], phase[a, 1]], axis=3) for a in range(2)], axis=2)
-    padded = padded.reshape(n, 2 * oh + 2, 2 * ow + 2, -1)  # (n, oh + 1, 2, ow + 1, 2, C) interleaved
+    """The input gradient of a 3x3, stride-2 "SAME" convolution, given the gradient ``gz`` of its (n, oh, ow, F)
+    output: output pixel (i, j) read padded input pixel (2i + r, 2j + s) through tap (r, s), so that pixel receives
+    gz[i, j] @ k[r, s]^T. That is the stride-2 transposed convolution of :func:`_transpose2x_by_taps` (which writes
+    tap r to 2i + 2 - r) with the kernel flipped and transposed, cropped to the input by the convolution's top and
+    left padding; XLA's strided-convolution gradient (a dilated convolution) ran several times slower."""
+    full = _transpose2x_by_taps(gz, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))  # (n, 2 oh, 2 ow, C)
     (_, (top, _)), (_, (left, _)) = _same_padding(x_shape[1], 2), _same_padding(x_shape[2], 2)
-    return padded[:, top:top + x_shape[1], left:left + x_shape[2]]
+    return full[:, top:top + x_shape[1], left:left + x_shape[2]]
 
 
 def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -642,7 +633,8 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     (pixels, 9 C) @ (9 C, F) matmuls onto patches, with the bias and the activation (one of
     :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
     stride 1, the input gradient the same convolution of the output gradient with the flipped kernel, at stride 2
-    a sum of the output gradient's tap maps (:func:`_stride2_input_gradient`); at wider strides it is XLA's.
+    the tap-map transposed convolution of the output gradient (:func:`_stride2_input_gradient`); at wider strides
+    it is XLA's.
     Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "

@@ -107,7 +107,7 @@ class jit_reusing_temporaries:  # noqa: N801 (used like jax.jit)
         self._jitted: Any = None
         functools.update_wrapper(self, fun)
 
-    def _compiled_for(self, *args: Any) -> Any:
+    def _jit_for(self, *args: Any) -> Any:
         if self._jitted is None:
             plain = jax.jit(self._fun, **self._jit_kwargs)
             options = temp_heap_options(plain.lower(*args))
@@ -115,7 +115,7 @@ class jit_reusing_temporaries:  # noqa: N801 (used like jax.jit)
         return self._jitted
 
     def __call__(self, *args: Any) -> Any:
-        return (self._jitted or self._compiled_for(*args))(*args)
+        return (self._jitted or self._jit_for(*args))(*args)
 
     def lower(self, *args: Any) -> Any:
-        return self._compiled_for(*args).lower(*args)
+        return self._jit_for(*args).lower(*args)
