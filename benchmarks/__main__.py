@@ -47,6 +47,9 @@ LABELS = {"mlp_vae": "MLP VAE 784-200-200-50", "conv_vae": "conv VAE (2-D latent
 BATCH = {"mlp_vae": 100, "conv_vae": 100, "gmvae": 200}
 SAMPLES = (1, 10)
 TRAIN_FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
+#: Models whose train steps ``--microbatch`` applies to (the GMVAE's loss is not a mean over examples; the MLP VAE's
+#: activations are small).
+MICROBATCHED = ("conv_vae",)
 TARGETS = {"train_ratio_vs_eager": 1.5, "is_ratio_vs_torch": 2.0, "mlp_is_fraction_of_matmul_peak": 0.4}
 
 
@@ -70,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run every worker, JAX and PyTorch alike, with glibc's malloc set to keep freed memory "
                         "(dlvm_jax.runtime.keep_freed_memory) instead of its defaults, under which large "
                         "temporaries are mapped, unmapped and page-faulted in afresh at every step")
+    p.add_argument("--microbatch", type=int, default=0, metavar="N",
+                   help="accumulate the conv VAE's train-step gradient over microbatches of N examples in every "
+                        "framework alike (JAX: dlvm_jax.objectives.microbatched; PyTorch: one backward pass per "
+                        "microbatch); 0 (default): the whole batch at once")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even where a GPU is present")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement process")
     args = p.parse_args(argv)
@@ -259,6 +266,8 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d"),
             "malloc": ("freed memory kept for reuse in every worker, JAX and PyTorch alike (--keep-freed-memory)"
                        if args.keep_freed_memory else "defaults"),
+            "microbatch": (f"the conv VAE's train-step gradient accumulated over microbatches of {args.microbatch} "
+                           "examples in every framework (--microbatch)" if args.microbatch else "none"),
             "torch_omp_wait_policy": "PASSIVE" if args.torch_omp_passive else os.environ.get("OMP_WAIT_POLICY",
                                                                                              "default")}
 
@@ -311,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     task = {"kind": "train", "framework": fw, "model": model, "num_samples": m,
                             "batch_size": BATCH[model], "data": data_for(model), "repeats": args.repeats,
-                            "target_s": args.repeat_seconds, "warmup_s": 2 * args.repeat_seconds}
+                            "target_s": args.repeat_seconds, "warmup_s": 2 * args.repeat_seconds,
+                            "microbatch": args.microbatch if model in MICROBATCHED else 0}
                     outs[fw] = run_worker(task, args)
                     show(f"{model} M={m} {fw}", outs[fw], "steps_per_s", "steps/s")
                 models[model][f"train_M{m}"] = train_entry(model, m, outs, peak)

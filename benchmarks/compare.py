@@ -5,7 +5,7 @@
 
 Meant for runs that differ in a setting that helps one framework and hurts the other, such as
 ``--keep-freed-memory`` (glibc's malloc keeping freed memory: PyTorch eager gains up to 2.6x from it, JAX's small
-models lose up to a third): per model and setting, JAX's fastest result is set against PyTorch eager's and
+models lose up to a third) or ``--microbatch`` (the conv VAE's gradient accumulated over microbatches): per model and setting, JAX's fastest result is set against PyTorch eager's and
 torch.compile's fastest, each labelled with the run it came from. Writes JSON and a markdown table next to it.
 """
 
@@ -44,12 +44,14 @@ def compare(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                     row[f"ratio_vs_{fw}"] = (round(row["jax"] / row[fw], 3) if row["jax"] and row[fw] else None)
             rows.append(row)
     return {"runs": [{"name": name, "command": r["command"], "malloc": r["machine"].get("malloc", "defaults"),
-                      "date": r["machine"]["date"]} for name, r in runs], "rows": rows}
+                      "microbatch": r["machine"].get("microbatch", "none"), "date": r["machine"]["date"]}
+                     for name, r in runs], "rows": rows}
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["Each framework's fastest result over the runs " + "; ".join(
-        f"`{r['name']}` (`{r['command'].strip()}`, malloc: {r['malloc']})" for r in result["runs"]) + ".", "",
+        f"`{r['name']}` (`{r['command'].strip()}`, malloc: {r['malloc']}, microbatches: {r.get('microbatch', 'none')})"
+        for r in result["runs"]) + ".", "",
         "| model | setting | JAX | PyTorch eager | torch.compile | JAX / eager | JAX / compile |",
         "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:

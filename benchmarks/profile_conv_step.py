@@ -74,6 +74,9 @@ def label(op_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_conv_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=1, help="Monte Carlo samples M (1: ELBO, more: IWAE)")
+    p.add_argument("--microbatch", type=int, default=0,
+                   help="accumulate the gradient over microbatches of this many examples "
+                        "(dlvm_jax.objectives.microbatched; 0: the whole batch at once)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="dlvm_jax.runtime.keep_freed_memory first (no page faults on the temporaries)")
@@ -90,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import write_result
     from benchmarks.worker import _jax_model
+    from dlvm_jax.objectives import microbatched, value_and_grad
+    from dlvm_jax.runtime import jit_reusing_temporaries
 
     model, loss_fn = _jax_model("conv_vae", args.samples)
     params = jax.jit(model.init)(jax.random.key(0))
     batch = jnp.asarray((np.random.default_rng(0).random((100, 28, 28, 1)) < 0.13).astype(np.float32))
-    grad = jax.jit(jax.grad(lambda p, b, k: loss_fn(p, b, k, 0)[0]))
+    if args.microbatch:
+        loss_fn = microbatched(loss_fn, args.microbatch)
+    # the gradient as make_train_step computes it
+    grad = jit_reusing_temporaries(lambda p, b, k: value_and_grad(loss_fn, p, b, k, jnp.zeros((), jnp.int32))[1])
     key = jax.random.key(1)
     kernels = {f"{net} {layer}": tuple(leaves["kernel"].shape)
                for net, layers_ in params.items() for layer, leaves in layers_.items() if layer.startswith("Conv")}
@@ -118,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         by_layer[layers[name][0]] += ms
 
     total = sum(per_kernel.values())
-    print(f"conv VAE gradient, batch 100, M={args.samples}: {np.median(wall):.1f} ms a call (median), "
+    print(f"conv VAE gradient, batch 100, M={args.samples}, microbatch {args.microbatch or 'none'}: "
+          f"{np.median(wall):.1f} ms a call (median), "
           f"{total:.1f} ms in XLA kernels")
     for name, ms in by_layer.most_common():
         print(f"  {ms:7.1f} ms  {name}")
     write_result(args.out, {
-        "samples": args.samples, "batch": 100, "keep_freed_memory": args.keep_freed_memory,
+        "samples": args.samples, "batch": 100, "microbatch": args.microbatch, "keep_freed_memory": args.keep_freed_memory,
         "call_ms_median": round(float(np.median(wall)), 2),
         "kernel_ms_total": round(total, 2), "by_layer_ms": {k: round(v, 2) for k, v in by_layer.most_common()},
         "top_kernels": [{"kernel": k, "layer": layers[k][0], "shape": layers[k][1], "ms": round(v, 2)}

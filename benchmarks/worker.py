@@ -153,7 +153,11 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
 
     from dlvm_jax.train import init_state, make_train_step
 
+    from dlvm_jax.objectives import microbatched
+
     model, loss_fn = _jax_model(task["model"], task["num_samples"])
+    if task.get("microbatch"):
+        loss_fn = microbatched(loss_fn, task["microbatch"])
     opt = optax.adam(1e-3)
     batch = jnp.asarray(_jax_data(task, task["batch_size"]))
     state = init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1))
@@ -289,10 +293,15 @@ def torch_train(task: dict[str, Any]) -> dict[str, Any]:
     if compiled:
         loss_fn = torch.compile(loss_fn)
 
+    # Gradient accumulation over microbatches when the task asks for it (as dlvm_jax.objectives.microbatched):
+    # the mean of the microbatches' mean losses, one backward pass each.
+    chunks = x.split(task["microbatch"]) if task.get("microbatch") else (x,)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x)
-        loss.backward()
+        for chunk in chunks:
+            loss = loss_fn(chunk) / len(chunks)
+            loss.backward()
         opt.step()
 
     rss_setup = rss_mb()

@@ -4,7 +4,7 @@ from dlvm_jax import (checkpoint, data, distributions, inference, likelihood, me
                       train)
 from dlvm_jax.likelihood import ISEstimate, log_likelihood
 from dlvm_jax.models import GMVAE, VAE, GMVAEConfig, LinearGaussian, LinearGaussianConfig, VAEConfig, make_gmvae_loss
-from dlvm_jax.objectives import elbo, iwae, make_loss
+from dlvm_jax.objectives import elbo, iwae, make_loss, microbatched
 from dlvm_jax.train import TrainState, fit, fit_restarts, init_state, make_epoch, make_train_step
 
 __version__ = "0.1.0"
@@ -14,5 +14,5 @@ __all__ = [
     "parallel", "train",
     "GMVAE", "GMVAEConfig", "make_gmvae_loss", "fit_restarts",
     "ISEstimate", "log_likelihood", "VAE", "VAEConfig", "LinearGaussian", "LinearGaussianConfig",
-    "elbo", "iwae", "make_loss", "TrainState", "fit", "init_state", "make_epoch", "make_train_step",
+    "elbo", "iwae", "make_loss", "microbatched", "TrainState", "fit", "init_state", "make_epoch", "make_train_step",
 ]

@@ -278,7 +278,10 @@ def _blockwise(fn: Callable, arrays: Sequence[jax.Array], per_example_bytes: int
     per-example outputs for all n examples. With ``total`` (zeros), ``fn`` returns (per-example outputs or None,
     a term) and the terms are summed into ``total``: a kernel gradient, to which zero-padded examples add nothing."""
     n = arrays[0].shape[0]
-    blocks = tuple(_blocks(a, _block_size(n, per_example_bytes)) for a in arrays)
+    size = _block_size(n, per_example_bytes)
+    if size >= n:  # one block: no loop, and no stacked copy of the outputs
+        return fn(*arrays) if total is None else _add_total(fn(*arrays), total)
+    blocks = tuple(_blocks(a, size) for a in arrays)
     if total is None:
         y = jax.lax.map(lambda b: fn(*b), blocks)
         return y.reshape((-1,) + y.shape[2:])[:n]
@@ -289,6 +292,10 @@ def _blockwise(fn: Callable, arrays: Sequence[jax.Array], per_example_bytes: int
 
     total, y = jax.lax.scan(step, total, blocks)
     return (None if y is None else y.reshape((-1,) + y.shape[2:])[:n]), total
+
+
+def _add_total(out: tuple[Any, jax.Array], total: jax.Array) -> tuple[Any, jax.Array]:
+    return out[0], total + out[1]
 
 
 def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]:

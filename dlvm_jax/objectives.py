@@ -171,3 +171,75 @@ def make_loss(
         return loss, metrics
 
     return loss_fn
+
+
+class MicrobatchedLoss:
+    """A batch loss whose train-step gradient is accumulated over microbatches of ``size`` examples: one
+    ``lax.scan`` inside the step computes ``value_and_grad`` of ``loss_fn`` on each microbatch and averages the
+    losses, metrics and gradients. For a loss that is a batch mean of per-example terms (:func:`make_loss`; not
+    :func:`~dlvm_jax.models.gmvae.make_gmvae_loss`, whose free bits act on a batch mean) that is an estimate of the
+    whole batch's gradient with the same expectation (microbatch ``i`` draws its noise from ``fold_in(key, i)``;
+    a noiseless loss gives the same gradient), while the activations kept for the backward pass are those of one
+    microbatch: they stay in the CPU's caches, and the step's temporaries are small enough for malloc to recycle
+    instead of page-faulting them in at every step (``python -m benchmarks.profile_microbatch``).
+
+    Microbatch ``i`` holds examples ``i, i + count, i + 2 count, ...`` (``count = batch / size``), so that under a
+    device mesh each spans every device. :func:`value_and_grad`, and through it :mod:`dlvm_jax.train`'s steps,
+    epochs and fit loops, accumulate; calling it (evaluation) calls ``loss_fn`` on the whole batch."""
+
+    def __init__(self, loss_fn: LossFn, size: int) -> None:
+        if isinstance(loss_fn, MicrobatchedLoss):
+            raise ValueError("the loss is microbatched already")
+        if int(size) != size or size < 1:
+            raise ValueError(f"the microbatch size must be an integer >= 1, got {size}")
+        self.loss_fn, self.size = loss_fn, int(size)
+
+    def __repr__(self) -> str:
+        return f"MicrobatchedLoss({self.loss_fn!r}, size={self.size})"
+
+    def split(self, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(microbatches, keys)``: (count, size, ...) strided microbatches of ``batch`` and one key for each."""
+        n = batch.shape[0]
+        if n % self.size:
+            raise ValueError(f"a batch of {n} examples cannot be cut into microbatches of {self.size}; use a batch "
+                             f"size that is a multiple of {self.size}, or a microbatch size that divides {n}")
+        count = n // self.size
+        microbatches = jnp.swapaxes(batch.reshape((self.size, count) + batch.shape[1:]), 0, 1)
+        return microbatches, jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
+
+    def __call__(self, params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
+        """``loss_fn`` on the whole batch (evaluation, any batch size): without a gradient there are no activations
+        to keep, and the value has the same expectation."""
+        return self.loss_fn(params, batch, key, step)
+
+    def value_and_grad(self, params: Params, batch: jax.Array, key: jax.Array, step: jax.Array, *,
+                       constrain: Callable[[jax.Array], jax.Array] = lambda b: b
+                       ) -> tuple[tuple[jax.Array, Metrics], Params]:
+        """``((loss, metrics), grads)`` as ``jax.value_and_grad(self, has_aux=True)`` would give them, accumulated
+        in one ``lax.scan`` over the microbatches; ``constrain`` is applied to each microbatch (a sharding)."""
+        microbatches, keys = self.split(batch, key)
+        value_and_grad = jax.value_and_grad(self.loss_fn, has_aux=True)
+
+        def body(total: Params, bk: tuple[jax.Array, jax.Array]) -> tuple[Params, tuple[jax.Array, Metrics]]:
+            (loss, metrics), grads = value_and_grad(params, constrain(bk[0]), bk[1], step)
+            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+        total, (losses, metrics) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (microbatches, keys))
+        count = microbatches.shape[0]
+        grads = jax.tree.map(lambda g: g / count, total)
+        return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
+
+
+def microbatched(loss_fn: LossFn, size: int) -> MicrobatchedLoss:
+    """``loss_fn`` with its train-step gradient accumulated over microbatches of ``size`` examples (see
+    :class:`MicrobatchedLoss`); for losses that are batch means of per-example terms."""
+    return MicrobatchedLoss(loss_fn, size)
+
+
+def value_and_grad(loss_fn: LossFn, params: Params, batch: jax.Array, key: jax.Array, step: jax.Array, *,
+                   constrain: Callable[[jax.Array], jax.Array] = lambda b: b) -> tuple[tuple[jax.Array, Metrics], Params]:
+    """``((loss, metrics), grads)`` of a batch loss with respect to ``params``; accumulated over microbatches for a
+    :class:`MicrobatchedLoss`."""
+    if isinstance(loss_fn, MicrobatchedLoss):
+        return loss_fn.value_and_grad(params, batch, key, step, constrain=constrain)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, step)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from dlvm_jax import parallel
 from dlvm_jax.checkpoint import CheckpointError, Checkpoints, host_array, leaf_name
-from dlvm_jax.objectives import LossFn, Metrics
+from dlvm_jax.objectives import LossFn, Metrics, MicrobatchedLoss, value_and_grad
 from dlvm_jax.runtime import jit_reusing_temporaries
 
 Params = Any
@@ -75,7 +75,8 @@ def _checked_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, stat
     optimizer state as they were (the key and the step counter still advance)."""
     batch = parallel.constrain_batch(batch, mesh)
     key, step_key = jax.random.split(state.key)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key, state.step)
+    (loss, metrics), grads = value_and_grad(loss_fn, state.params, batch, step_key, state.step,
+                                            constrain=lambda b: parallel.constrain_batch(b, mesh))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     flags = _nonfinite_flags(loss, metrics, grads)
@@ -89,7 +90,7 @@ def _checked_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, stat
 def _step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
           batch: jax.Array) -> tuple[TrainState, Metrics]:
     key, step_key = jax.random.split(state.key)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key, state.step)
+    (_, metrics), grads = value_and_grad(loss_fn, state.params, batch, step_key, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, key, state.step + 1), metrics
@@ -105,11 +106,26 @@ def _jit_kwargs(mesh: Any, *, batch_leading: int | None = 0) -> dict[str, Any]:
     return {"in_shardings": (repl, second), "out_shardings": repl}
 
 
+def _check_microbatch(loss_fn: LossFn, mesh: Any, batch_size: int | None = None) -> None:
+    """A :class:`~dlvm_jax.objectives.MicrobatchedLoss`'s microbatches must cut the batch and split evenly over
+    ``mesh``'s devices."""
+    if not isinstance(loss_fn, MicrobatchedLoss):
+        return
+    if batch_size is not None and batch_size % loss_fn.size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the microbatch size {loss_fn.size}; use a "
+                         f"batch size that is, or a microbatch size that divides {batch_size}")
+    if mesh is not None and loss_fn.size % parallel.num_shards(mesh):
+        n = parallel.num_shards(mesh)
+        raise ValueError(f"microbatches of {loss_fn.size} examples cannot be split evenly over {n} devices; use a "
+                         f"microbatch size that is a multiple of {n}, or fewer devices (--devices)")
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Any = None,
                     skip_nonfinite: bool = False) -> Callable:
     """Jitted ``step(state, batch) -> (state, metrics)``; the incoming state's buffers are donated. With a
     :mod:`~dlvm_jax.parallel` ``mesh`` the state must be replicated on it and the batch is split over its devices;
     ``skip_nonfinite`` skips updates with a non-finite loss term or gradient."""
+    _check_microbatch(loss_fn, mesh)
     if mesh is None and not skip_nonfinite:
         return jit_reusing_temporaries(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
     step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
@@ -574,6 +590,7 @@ def fit(
     eval_every = max(1, int(eval_every))
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_divisible(batch_size, mesh)
+    _check_microbatch(loss_fn, mesh, batch_size)
     num_batches = train_data.shape[0] // batch_size
     engine = _Engine(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite)
     evaluate = None
@@ -778,6 +795,7 @@ def fit_restarts(
     eval_every = max(1, int(eval_every))
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_divisible(batch_size, mesh)
+    _check_microbatch(loss_fn, mesh, batch_size)
     num_batches = train_data.shape[0] // batch_size
     keys = jax.random.split(key, restarts)
     states = jax.vmap(lambda k: init_state(init_fn(jax.random.fold_in(k, 0)), optimizer, jax.random.fold_in(k, 1)))(

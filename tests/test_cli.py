@@ -154,6 +154,33 @@ def test_gradient_estimator_option_trains_and_is_recorded(estimator: str, tmp_pa
     assert summary["final_test_elbo"] > summary["initial_test_elbo"]  # both estimators climb the ELBO
 
 
+def test_microbatch_option_trains_and_is_recorded(tmp_path: Path) -> None:
+    run_dir = tmp_path / "mb"
+    code = cli.main(["train", "vae", "--data", "spiral", "--epochs", "4", "--eval-every", "4", "--batch-size", "50",
+                     "--microbatch", "10", "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 0
+    assert json.loads((run_dir / "config.json").read_text())["train"]["microbatch"] == 10
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_test_elbo"] > summary["initial_test_elbo"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--microbatch", "7"], "must divide the batch size 100"),
+    (["--microbatch", "0"], "must divide the batch size 100"),
+])
+def test_microbatch_must_divide_the_batch(argv: list[str], needle: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["train", "vae", "--data", "spiral", "--run-dir", str(tmp_path / "r"), *argv])
+    _assert_one_line_error(code, capsys, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_microbatch_is_refused_for_the_gmvae(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["train", "gmvae", "--data", "spiral", "--microbatch", "10", "--run-dir", str(tmp_path / "r")])
+    _assert_one_line_error(code, capsys, "is not")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--estimator", "score", "-K", "1"], "-K 2 or more"),
     (["--estimator", "score", "--objective", "iwae", "-K", "5"], "--objective elbo"),

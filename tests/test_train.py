@@ -273,3 +273,97 @@ def test_sharded_step_compiles_once_and_skips_non_finite_updates():
 
 def test_eval_batch_size_is_a_multiple_of_the_batch_size():
     assert [train.eval_batch_size(b) for b in (8, 64, 100, 128, 200)] == [104, 128, 100, 128, 200]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradients accumulated over microbatches (objectives.microbatched)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_microbatched_gradient_is_the_whole_batch_gradient():
+    """For a loss that is a batch mean of per-example terms and draws no noise, the mean over equal microbatches
+    of their mean losses and gradients IS the whole batch's: equal to float rounding (1e-6 relative)."""
+    batch = jax.random.normal(jax.random.key(0), (24, 3)) + 2.0
+    params = {"w": jnp.array([0.5, -1.0, 2.0])}
+    key, step = jax.random.key(1), jnp.zeros((), jnp.int32)
+    (loss, metrics), grads = jax.value_and_grad(_quadratic_loss, has_aux=True)(params, batch, key, step)
+    for size in (1, 6, 8, 24):
+        mb = objectives.microbatched(_quadratic_loss, size)
+        (mloss, mmetrics), mgrads = jax.jit(lambda p, b, k, s: objectives.value_and_grad(mb, p, b, k, s))(
+            params, batch, key, step)
+        np.testing.assert_allclose(float(mloss), float(loss), rtol=1e-6)
+        np.testing.assert_allclose(float(mmetrics["mean_x"]), float(metrics["mean_x"]), rtol=1e-6)
+        np.testing.assert_allclose(mgrads["w"], grads["w"], rtol=1e-6, atol=1e-6)
+        called, _ = mb(params, batch, key, step)  # called without a gradient: the same mean
+        np.testing.assert_allclose(float(called), float(loss), rtol=1e-6)
+
+
+def test_microbatched_is_the_mean_over_strided_microbatches(small_vae, small_vae_params, digits):
+    """With noise: microbatch i holds examples i, i + count, ... and draws from fold_in(key, i); the accumulated
+    loss, metrics and gradient are the means of value_and_grad over those microbatches (1e-5 relative: float32
+    sums in another order)."""
+    loss_fn = objectives.make_loss(small_vae)
+    batch = jnp.asarray(digits.x_train[:12])
+    key, step = jax.random.key(3), jnp.zeros((), jnp.int32)
+    mb = objectives.microbatched(loss_fn, 4)
+    (loss, metrics), grads = jax.jit(lambda p: objectives.value_and_grad(mb, p, batch, key, step))(small_vae_params)
+    parts = [jax.value_and_grad(loss_fn, has_aux=True)(small_vae_params, batch[i::3], jax.random.fold_in(key, i), step)
+             for i in range(3)]
+    np.testing.assert_allclose(float(loss), np.mean([float(p[0][0]) for p in parts]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), np.mean([float(p[0][1]["kl"]) for p in parts]), rtol=1e-5)
+    expected = jax.tree.map(lambda *g: sum(g) / 3, *[p[1] for p in parts])
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-6)
+    # And not the whole batch's noise: a different draw, so a different (but close) loss.
+    whole = float(loss_fn(small_vae_params, batch, key, step)[0])
+    assert whole != float(loss) and abs(whole - float(loss)) < 0.2 * abs(whole)
+
+
+def test_train_step_and_fit_with_a_microbatched_loss():
+    """make_train_step and fit (scanned and stepped) take a microbatched loss: with a noiseless per-example loss
+    the parameters follow the whole-batch run (1e-5), and the traced loss sees microbatches."""
+    shapes = []
+
+    def counted(params, batch, key, step):
+        shapes.append(batch.shape)
+        return _quadratic_loss(params, batch, key, step)
+
+    data = jax.random.normal(jax.random.key(0), (64, 3)) + 1.0
+    opt = optax.adam(0.1)
+    fresh = lambda: train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(1))  # noqa: E731
+    step, mstep = train.make_train_step(_quadratic_loss, opt), train.make_train_step(
+        objectives.microbatched(counted, 4), opt)
+    a, b = fresh(), fresh()
+    for i in range(4):
+        a, ma = step(a, data[16 * i:16 * (i + 1)])
+        b, mb = mstep(b, data[16 * i:16 * (i + 1)])
+    assert set(shapes) == {(4, 3)}
+    chex.assert_trees_all_close(b.params, a.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), rtol=1e-5)
+    results = []
+    for scan in (True, False):
+        state, history = train.fit(fresh(), data, loss_fn=objectives.microbatched(_quadratic_loss, 8), optimizer=opt,
+                                   batch_size=16, epochs=2, progress=False, scan=scan)
+        results.append((state.params, history[-1]["train_loss"]))
+    ref, ref_history = train.fit(fresh(), data, loss_fn=_quadratic_loss, optimizer=opt, batch_size=16, epochs=2,
+                                 progress=False)
+    for params, last in results:
+        chex.assert_trees_all_close(params, ref.params, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(last, ref_history[-1]["train_loss"], rtol=1e-5)
+
+
+def test_microbatched_errors(assert_one_line):
+    with pytest.raises(ValueError, match="integer >= 1") as err:
+        objectives.microbatched(_quadratic_loss, 0)
+    assert_one_line(err.value)
+    mb = objectives.microbatched(_quadratic_loss, 5)
+    with pytest.raises(ValueError, match="microbatched already"):
+        objectives.microbatched(mb, 5)
+    params, key, step = {"w": jnp.zeros(3)}, jax.random.key(0), jnp.zeros((), jnp.int32)
+    with pytest.raises(ValueError, match="cannot be cut into microbatches of 5") as err:
+        objectives.value_and_grad(mb, params, jnp.ones((12, 3)), key, step)
+    assert_one_line(err.value)
+    opt = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="not a multiple of the microbatch size 5") as err:
+        train.fit(train.init_state(params, opt, key), jnp.ones((64, 3)), loss_fn=mb, optimizer=opt, batch_size=16,
+                  epochs=1, progress=False)
+    assert_one_line(err.value)
