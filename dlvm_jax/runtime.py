@@ -13,6 +13,10 @@ one block, under glibc's largest ``mmap`` threshold, so that malloc keeps them f
 glibc still returns a heap to the system when a whole per-thread sub-heap (64 MiB) falls free or its free top
 exceeds the trim threshold, so some calls, or in some processes every call, still fault part of the temporaries
 in (the conv VAE's step: 0 faults in most calls of most runs, ~6,100 a call in others, against ~20,000).
+
+For a loss that is a mean over examples, :func:`dlvm_jax.objectives.microbatched` shrinks the temporaries
+themselves (the activations of one microbatch instead of the batch's), which glibc's defaults then recycle
+reliably (``python -m benchmarks.profile_microbatch``).
 """
 
 from __future__ import annotations
