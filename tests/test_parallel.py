@@ -99,6 +99,10 @@ def _worker() -> None:
             losses.append(metrics["loss"])
         report[f"microbatched_losses_{n}"] = [float(v) for v in losses]
         lap(f"microbatched_{n}")
+    try:  # microbatches of 12 do not split over 8 devices
+        train.make_train_step(microbatched(loss_fn, 12), optimizer, mesh=parallel.make_mesh(8))
+    except ValueError as err:
+        report["microbatch_error_8"] = str(err)
 
     # 4. Importance-sampled log p(x), each batch split over the devices.
     params = jax.device_get(fresh(parallel.make_mesh(1)).params)
@@ -164,6 +168,7 @@ def test_microbatched_steps_same_on_1_and_8_devices(report):
     l1, l8 = np.array(report["microbatched_losses_1"]), np.array(report["microbatched_losses_8"])
     assert l1.shape == l8.shape == (5,) and np.all(np.isfinite(l1))
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    assert "microbatches of 12 examples cannot be split evenly over 8 devices" in report.get("microbatch_error_8", "")
 
 
 def test_importance_sampling_same_on_1_and_8_devices(report):
