@@ -124,7 +124,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     skip_nonfinite: bool = False) -> Callable:
     """Jitted ``step(state, batch) -> (state, metrics)``; the incoming state's buffers are donated. With a
     :mod:`~dlvm_jax.parallel` ``mesh`` the state must be replicated on it and the batch is split over its devices;
-    ``skip_nonfinite`` skips updates with a non-finite loss term or gradient."""
+    ``skip_nonfinite`` skips updates with a non-finite loss term or gradient. A
+    :func:`~dlvm_jax.objectives.microbatched` loss has its gradient accumulated over its microbatches inside the step
+    (its microbatch size a multiple of the mesh's devices)."""
     _check_microbatch(loss_fn, mesh)
     if mesh is None and not skip_nonfinite:
         return jit_reusing_temporaries(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
