@@ -5,8 +5,9 @@
 
 Meant for runs that differ in a setting that helps one framework and hurts the other, such as
 ``--keep-freed-memory`` (glibc's malloc keeping freed memory: PyTorch eager gains up to 2.6x from it, JAX's small
-models lose up to a third) or ``--microbatch`` (the conv VAE's gradient accumulated over microbatches): per model and setting, JAX's fastest result is set against PyTorch eager's and
-torch.compile's fastest, each labelled with the run it came from. Writes JSON and a markdown table next to it.
+models lose up to a third) or ``--microbatch`` (the conv VAE's gradient accumulated over microbatches): per model
+and setting, JAX's fastest result is set against PyTorch eager's and torch.compile's fastest, each labelled with
+the run it came from. Writes JSON and a markdown table next to it.
 """
 
 from __future__ import annotations

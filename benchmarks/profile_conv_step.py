@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
     total = sum(per_kernel.values())
     print(f"conv VAE gradient, batch 100, M={args.samples}, microbatch {args.microbatch or 'none'}: "
-          f"{np.median(wall):.1f} ms a call (median), "
-          f"{total:.1f} ms in XLA kernels")
+          f"{np.median(wall):.1f} ms a call (median), {total:.1f} ms in XLA kernels")
     for name, ms in by_layer.most_common():
         print(f"  {ms:7.1f} ms  {name}")
     write_result(args.out, {
-        "samples": args.samples, "batch": 100, "microbatch": args.microbatch, "keep_freed_memory": args.keep_freed_memory,
+        "samples": args.samples, "batch": 100, "microbatch": args.microbatch,
+        "keep_freed_memory": args.keep_freed_memory,
         "call_ms_median": round(float(np.median(wall)), 2),
         "kernel_ms_total": round(total, 2), "by_layer_ms": {k: round(v, 2) for k, v in by_layer.most_common()},
         "top_kernels": [{"kernel": k, "layer": layers[k][0], "shape": layers[k][1], "ms": round(v, 2)}

@@ -8,8 +8,7 @@ once per microbatch size (0: the whole batch at once): JAX's ``make_train_step``
 ``dlvm_jax.objectives.microbatched(loss_fn, size)`` (one ``lax.scan`` of ``value_and_grad`` over the microbatches
 inside the jitted step) and PyTorch eager with the same accumulation (one backward pass per microbatch of the loss
 divided by their number, then one optimizer step). It records steps/s, minor page faults per step (``ru_minflt``)
-and peak resident memory. ``python -m benchmarks`` times JAX's conv VAE step with the sizes in its ``MICROBATCH``,
-and PyTorch as written (no accumulation); this script shows what the same accumulation does for PyTorch.
+and peak resident memory: what ``python -m benchmarks --microbatch N`` does to the conv VAE's step, for each size.
 """
 
 from __future__ import annotations

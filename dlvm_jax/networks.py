@@ -280,7 +280,10 @@ def _blockwise(fn: Callable, arrays: Sequence[jax.Array], per_example_bytes: int
     n = arrays[0].shape[0]
     size = _block_size(n, per_example_bytes)
     if size >= n:  # one block: no loop, and no stacked copy of the outputs
-        return fn(*arrays) if total is None else _add_total(fn(*arrays), total)
+        if total is None:
+            return fn(*arrays)
+        y, term = fn(*arrays)
+        return y, total + term
     blocks = tuple(_blocks(a, size) for a in arrays)
     if total is None:
         y = jax.lax.map(lambda b: fn(*b), blocks)
@@ -292,10 +295,6 @@ def _blockwise(fn: Callable, arrays: Sequence[jax.Array], per_example_bytes: int
 
     total, y = jax.lax.scan(step, total, blocks)
     return (None if y is None else y.reshape((-1,) + y.shape[2:])[:n]), total
-
-
-def _add_total(out: tuple[Any, jax.Array], total: jax.Array) -> tuple[Any, jax.Array]:
-    return out[0], total + out[1]
 
 
 def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]:

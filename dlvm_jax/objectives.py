@@ -237,7 +237,8 @@ def microbatched(loss_fn: LossFn, size: int) -> MicrobatchedLoss:
 
 
 def value_and_grad(loss_fn: LossFn, params: Params, batch: jax.Array, key: jax.Array, step: jax.Array, *,
-                   constrain: Callable[[jax.Array], jax.Array] = lambda b: b) -> tuple[tuple[jax.Array, Metrics], Params]:
+                   constrain: Callable[[jax.Array], jax.Array] = lambda b: b
+                   ) -> tuple[tuple[jax.Array, Metrics], Params]:
     """``((loss, metrics), grads)`` of a batch loss with respect to ``params``; accumulated over microbatches for a
     :class:`MicrobatchedLoss`."""
     if isinstance(loss_fn, MicrobatchedLoss):
