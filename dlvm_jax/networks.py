@@ -569,11 +569,67 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
     return oh * ow * 9 * x.shape[-1] * x.dtype.itemsize
 
 
+# Stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64) use "row patches" instead: only the three
+# column taps are laid side by side, (pixels of the padded rows, 3 C), and one matmul by the (3 C, 3 F) kernel
+# (rows (s, c), columns (r, f)) gives, for every padded input row, what it contributes through each kernel row r;
+# output row i sums row i + r's contribution r over the three r. That moves 3 C + 3 F floats a pixel where the
+# patches move 9 C + F, for (H + 2) / H of the patches' FLOPs. The backward pass transposes the same matmul: the
+# output gradient shifted by r rows against the row patches (weight gradient) and against the kernel (the row
+# patches' gradient, whose three column taps are then summed back onto the input).
+
+
+def _rows_form(stride: int, channels: int, features: int) -> bool:
+    return stride == 1 and features < 3 * channels
+
+
+def _rows_matrix(weights: jax.Array, channels: int) -> jax.Array:
+    """The (9 C, F) kernel (rows ordered (r, s, c)) -> (3 C, 3 F), rows (s, c), columns (r, f)."""
+    features = weights.shape[-1]
+    return jnp.transpose(weights.reshape(3, 3, channels, features), (1, 2, 0, 3)).reshape(3 * channels, -1)
+
+
+def _row_patches(x: jax.Array) -> jax.Array:
+    """(n, H, W, C) -> (n * (H + 2) * W, 3 C): the input padded by one pixel all round, its three column taps."""
+    width = x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([padded[:, :, s:s + width] for s in range(3)], axis=-1).reshape(-1, 3 * x.shape[-1])
+
+
+def _row_patches_bytes(x: jax.Array, features: int) -> int:
+    """Bytes per example of the row patches and their products with the kernel (or the output gradient's)."""
+    return (x.shape[1] + 2) * x.shape[2] * 3 * (x.shape[-1] + features) * x.dtype.itemsize
+
+
+def _conv_by_rows(x: jax.Array, rows_kernel: jax.Array) -> jax.Array:
+    n, height, width, _ = x.shape
+    contributions = (_row_patches(x) @ rows_kernel).reshape(n, height + 2, width, 3, -1)
+    return functools.reduce(jnp.add, [contributions[:, r:r + height, :, r] for r in range(3)])
+
+
+def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The input gradient and the (9 C, F) kernel gradient of :func:`_conv_by_rows`, given the output gradient."""
+    n, height, width, channels = xb.shape
+    features = gz.shape[-1]
+    # Padded row i' contributed through kernel row r to output row i' - r.
+    shifted = jnp.pad(gz, ((0, 0), (2, 2), (0, 0), (0, 0)))
+    dcontributions = jnp.stack([shifted[:, 2 - r:4 - r + height] for r in range(3)], axis=3).reshape(-1, 3 * features)
+    dkernel = (_row_patches(xb).T @ dcontributions).reshape(3, channels, 3, features)
+    dkernel = jnp.transpose(dkernel, (2, 0, 1, 3)).reshape(-1, features)
+    # Column tap s of padded pixel (i + 1, j) read input pixel (i, j + s - 1).
+    dpatches = (dcontributions @ rows_kernel.T).reshape(n, height + 2, width, 3, channels)[:, 1:height + 1]
+    dpatches = jnp.pad(dpatches, ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
+    return functools.reduce(jnp.add, [dpatches[:, :, 2 - s:2 - s + width, s] for s in range(3)]), dkernel
+
+
 def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None) -> jax.Array:
     """``weights``: the (9 C, F) kernel with the bias as an extra last row. Blocks of examples are padded inside
     the loop, where they are small."""
     out_shape, kernel, bias = _out_shape(x, stride), weights[:-1], weights[-1]
     act = ACTIVATIONS[activation] if activation else (lambda v: v)
+    if _rows_form(stride, x.shape[-1], kernel.shape[-1]):
+        rows_kernel = _rows_matrix(kernel, x.shape[-1])
+        return _blockwise(lambda b: act(_conv_by_rows(b, rows_kernel) + bias), (x,),
+                          _row_patches_bytes(x, kernel.shape[-1]))
     outputs_bytes = out_shape[0] * out_shape[1] * kernel.shape[-1] * x.dtype.itemsize
     return _blockwise(lambda b: act(_patches(_pad_same(b, stride), stride, out_shape) @ kernel + bias).reshape(
         (b.shape[0],) + out_shape + (-1,)), (x,), _patches_bytes(x, stride) + outputs_bytes)
@@ -583,6 +639,16 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
                       activation: str | None) -> tuple[jax.Array, jax.Array]:
     """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient."""
     channels, features = x.shape[-1], weights.shape[-1]
+    if _rows_form(stride, channels, features):
+        rows_kernel = _rows_matrix(weights[:-1], channels)
+
+        def rows_block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+            gz = gb * OUTPUT_DERIVATIVES[activation](yb) if activation else gb  # the gradient before the activation
+            dx, dkernel = _rows_pullback(xb, gz, rows_kernel)
+            return dx, jnp.concatenate([dkernel, jnp.sum(gz, axis=(0, 1, 2))[None]])
+
+        per_example = _row_patches_bytes(x, features) + (x.shape[1] + 2) * x.shape[2] * 3 * channels * x.dtype.itemsize
+        return _blockwise(rows_block, (x, y, g), per_example, total=jnp.zeros_like(weights))
     out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
 
@@ -640,7 +706,9 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
     stride 1, the input gradient the same convolution of the output gradient with the flipped kernel, at stride 2
     the tap-map transposed convolution of the output gradient (:func:`_stride2_input_gradient`); at wider strides
-    it is XLA's.
+    it is XLA's. At stride 1 with fewer than 3 C output channels, blocks of (pixels, 3 C) @ (3 C, 3 F) matmuls onto
+    row patches (the three column taps) instead, whose outputs three shifted row slices sum, and the transposed
+    matmuls for the gradients: a third of the patches' memory traffic.
     Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "

@@ -353,11 +353,15 @@ def test_tap_form_gradients_under_vmap(layer):
 
 
 @pytest.mark.parametrize("size,features,stride,block_bytes,activation", [
+    # Stride 1 with F >= 3 C: nine-tap patches.
     ((3, 28, 28, 1), 4, 1, 4 << 20, None),     # one block
+    ((4, 9, 7, 2), 7, 1, 600, "relu"),         # blocks of 1
+    # Stride 1 with F < 3 C: row patches (forward per example (H + 2) W 3 (C + F) floats, backward 3 C more).
     ((7, 14, 14, 6), 5, 1, 3000, "relu"),      # blocks of 1 (7 is prime)
-    ((10, 14, 14, 6), 3, 1, 9000, "tanh"),     # blocks of 5 (the largest divisor of 10 within the budget)
-    ((7, 12, 10, 4), 3, 1, 9000, None),        # 7 examples in blocks of 2, the last one zero-padded
-    ((7, 12, 10, 4), 3, 1, 9000, "relu"),
+    ((10, 14, 14, 6), 3, 1, 210_000, "tanh"),  # blocks of 5 (the largest divisor of 10 within the budget)
+    ((7, 12, 10, 4), 3, 1, 40_000, None),      # forward: blocks of 3, the last one zero-padded; backward: of 1
+    ((7, 12, 10, 4), 3, 1, 40_000, "relu"),
+    # Stride 2: nine-tap patches.
     ((5, 28, 28, 3), 4, 2, 20000, None),       # stride 2, 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
     ((4, 9, 7, 2), 3, 2, 600, "relu"),         # stride 2, odd sizes -> 5 x 4, blocks of 2
     ((3, 9, 7, 2), 3, 2, 600, "tanh"),         # stride 2, blocks of 2, the last one zero-padded
