@@ -182,11 +182,12 @@ class ConvEncoder(nn.Module):
     """Convolutional encoder for 28x28x1 images: conv 32 -> 64 (stride 2) -> 64 -> 64, dense ``hidden``, then a
     linear layer of width ``out`` (the binarized-MNIST VAE of the seeds, output 14x14 after the strided conv).
 
-    ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`),
-    measured faster on XLA's CPU backend (2 cores, batch 100, vmapped per example as the losses run it: 65 ms
-    forward+backward against 85 ms, ``python -m benchmarks.profile_conv``), with the bias and a relu or tanh
-    activation applied inside its blocks; ``convs="xla"`` leaves them to XLA's convolutions and their autodiff (e.g.
-    on a GPU, or for second derivatives and forward mode: the patch form defines reverse-mode derivatives only).
+    ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`;
+    row patches for the 64 -> 64 layers), measured faster on XLA's CPU backend (2 cores, batch 100, vmapped per
+    example as the losses run it: 63 ms forward+backward against 118 ms, ``python -m benchmarks.profile_conv``),
+    with the bias and a relu or tanh activation applied inside its blocks; ``convs="xla"`` leaves them to XLA's
+    convolutions and their autodiff (e.g. on a GPU, or for second derivatives and forward mode: the patch form
+    defines reverse-mode derivatives only).
     The parameters (``nn.Conv``'s, named Conv_0 to Conv_3) and the function are the same either way."""
 
     out: int
@@ -569,7 +570,7 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
     return oh * ow * 9 * x.shape[-1] * x.dtype.itemsize
 
 
-# Stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64) use "row patches" instead: only the three
+# Stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64) use "row patches" by default: only the three
 # column taps are laid side by side, (pixels of the padded rows, 3 C), and one matmul by the (3 C, 3 F) kernel
 # (rows (s, c), columns (r, f)) gives, for every padded input row, what it contributes through each kernel row r;
 # output row i sums row i + r's contribution r over the three r. That moves 3 C + 3 F floats a pixel where the
@@ -578,8 +579,9 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
 # patches' gradient, whose three column taps are then summed back onto the input).
 
 
-def _rows_form(stride: int, channels: int, features: int) -> bool:
-    return stride == 1 and features < 3 * channels
+#: The forms of :func:`conv3x3_by_patches`: "auto" takes row patches where they move less memory (stride 1 and
+#: F < 3 C), nine-tap patches elsewhere.
+PATCH_FORMS = ("auto", "patches", "rows")
 
 
 def _rows_matrix(weights: jax.Array, channels: int) -> jax.Array:
@@ -621,12 +623,12 @@ def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array) -> tupl
     return functools.reduce(jnp.add, [dpatches[:, :, 2 - s:2 - s + width, s] for s in range(3)]), dkernel
 
 
-def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None) -> jax.Array:
+def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None, rows: bool) -> jax.Array:
     """``weights``: the (9 C, F) kernel with the bias as an extra last row. Blocks of examples are padded inside
     the loop, where they are small."""
     out_shape, kernel, bias = _out_shape(x, stride), weights[:-1], weights[-1]
     act = ACTIVATIONS[activation] if activation else (lambda v: v)
-    if _rows_form(stride, x.shape[-1], kernel.shape[-1]):
+    if rows:
         rows_kernel = _rows_matrix(kernel, x.shape[-1])
         return _blockwise(lambda b: act(_conv_by_rows(b, rows_kernel) + bias), (x,),
                           _row_patches_bytes(x, kernel.shape[-1]))
@@ -636,10 +638,10 @@ def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: 
 
 
 def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array, stride: int,
-                      activation: str | None) -> tuple[jax.Array, jax.Array]:
+                      activation: str | None, rows: bool) -> tuple[jax.Array, jax.Array]:
     """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient."""
     channels, features = x.shape[-1], weights.shape[-1]
-    if _rows_form(stride, channels, features):
+    if rows:
         rows_kernel = _rows_matrix(weights[:-1], channels)
 
         def rows_block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -692,23 +694,26 @@ def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 @functools.cache
-def _conv_by_patches_vjp(stride: int, activation: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def _conv_by_patches_vjp(stride: int, activation: str | None,
+                         rows: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _custom_vjp_keeping_output(
-        lambda x, weights: _conv_by_patches(x, weights, stride, activation),
-        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation))
+        lambda x, weights: _conv_by_patches(x, weights, stride, activation, rows),
+        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows))
 
 
 def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: jax.Array | None = None,
-                       activation: str | None = None) -> jax.Array:
+                       activation: str | None = None, form: str = "auto") -> jax.Array:
     """``activation(conv + bias)`` for the 3x3 "SAME" convolution of ``nn.Conv`` with ``strides=(stride, stride)``
     (cross-correlation, NHWC input, HWIO kernel; no bias and no activation by default), as blocks of
     (pixels, 9 C) @ (9 C, F) matmuls onto patches, with the bias and the activation (one of
     :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
     stride 1, the input gradient the same convolution of the output gradient with the flipped kernel, at stride 2
     the tap-map transposed convolution of the output gradient (:func:`_stride2_input_gradient`); at wider strides
-    it is XLA's. At stride 1 with fewer than 3 C output channels, blocks of (pixels, 3 C) @ (3 C, 3 F) matmuls onto
-    row patches (the three column taps) instead, whose outputs three shifted row slices sum, and the transposed
-    matmuls for the gradients: a third of the patches' memory traffic.
+    it is XLA's. ``form="rows"`` (stride 1 only; what ``"auto"`` takes at stride 1 with fewer than 3 C output
+    channels) multiplies row patches instead, the three column taps, (pixels, 3 C) @ (3 C, 3 F), and sums three
+    shifted row slices of the products; its gradients are the transposed matmuls. That moves 3 C + 3 F floats a
+    pixel against the patches' 9 C + F: measured on the conv VAE's 64 -> 64 layers, ``python -m
+    benchmarks.profile_conv``. ``form="patches"`` always takes the nine-tap patches.
     Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
@@ -718,24 +723,30 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     bias = jnp.zeros((features,), kernel.dtype) if bias is None else bias
     if bias.shape != (features,):
         raise ValueError(f"conv3x3_by_patches expects a bias of shape {(features,)}, got {bias.shape}")
+    if form not in PATCH_FORMS:
+        raise ValueError(f"conv3x3_by_patches form must be one of {PATCH_FORMS}, got {form!r}")
+    if form == "rows" and stride != 1:
+        raise ValueError(f"conv3x3_by_patches form='rows' needs stride 1, got stride {stride}")
+    rows = form == "rows" or (form == "auto" and stride == 1 and features < 3 * x.shape[-1])
     weights = jnp.concatenate([kernel.reshape(-1, features), bias[None]])
-    return _conv_by_patches_vjp(int(stride), activation)(x, weights)
+    return _conv_by_patches_vjp(int(stride), activation, rows)(x, weights)
 
 
 class PatchConv(nn.Module):
     """``nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")`` (same parameters, names and
     initialisation), followed by ``activation`` if one is given (one of :data:`OUTPUT_DERIVATIVES`), computed by
-    :func:`conv3x3_by_patches`."""
+    :func:`conv3x3_by_patches` in ``form`` ("auto", "patches" or "rows")."""
 
     features: int
     stride: int = 1
     activation: str | None = None
+    form: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return conv3x3_by_patches(x, kernel, self.stride, bias, self.activation)
+        return conv3x3_by_patches(x, kernel, self.stride, bias, self.activation, self.form)
 
 
 class ConvDecoder(nn.Module):

@@ -303,9 +303,11 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
 
 
 @pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "transpose2x_relu", "patch_conv",
-                                   "patch_conv_stride2", "patch_conv_relu", "patch_conv_stride2_tanh"])
+                                   "patch_conv_stride2", "patch_conv_relu", "patch_conv_nine_taps_relu",
+                                   "patch_conv_stride2_tanh"])
 def test_tap_form_gradients_under_vmap(layer):
-    """The tap-form and patch-form convolutions fold vmapped axes into the example axis (custom vmap rules):
+    """The tap-form and patch-form convolutions (stride 1 with these 4 -> 2 channels: row patches unless the nine
+    taps are asked for) fold vmapped axes into the example axis (custom vmap rules):
     outputs and gradients through one and two levels of vmap, and with a vmapped kernel (the rules' fallback),
     equal the unbatched ones computed by flax's own layers."""
     import flax.linen as nn
@@ -316,9 +318,11 @@ def test_tap_form_gradients_under_vmap(layer):
             "transpose2x_relu": lambda x, k: transpose2x(x, k, k[0, 0, 0], "relu"),
             "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2),
             "patch_conv_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu"),
+            "patch_conv_nine_taps_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu", "patches"),
             "patch_conv_stride2_tanh": lambda x, k: conv3x3_by_patches(x, k, 2, k[0, 0, 0], "tanh")}[layer]
     # (the fused forms with a bias taken from the kernel, and their activation)
     after = {"patch_conv_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
+             "patch_conv_nine_taps_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "transpose2x_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "patch_conv_stride2_tanh": lambda y, k: jnp.tanh(y + k[0, 0, 0])}.get(layer, lambda y, k: y)
     features = 3 if layer.startswith("transpose2x") else 2
@@ -352,25 +356,27 @@ def test_tap_form_gradients_under_vmap(layer):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("size,features,stride,block_bytes,activation", [
+@pytest.mark.parametrize("size,features,stride,block_bytes,activation,form", [
     # Stride 1 with F >= 3 C: nine-tap patches.
-    ((3, 28, 28, 1), 4, 1, 4 << 20, None),     # one block
-    ((4, 9, 7, 2), 7, 1, 600, "relu"),         # blocks of 1
+    ((3, 28, 28, 1), 4, 1, 4 << 20, None, "auto"),     # one block
+    ((4, 9, 7, 2), 7, 1, 600, "relu", "auto"),         # blocks of 1
+    ((4, 9, 7, 2), 7, 1, 600, "relu", "rows"),         # the same in row patches
     # Stride 1 with F < 3 C: row patches (forward per example (H + 2) W 3 (C + F) floats, backward 3 C more).
-    ((7, 14, 14, 6), 5, 1, 3000, "relu"),      # blocks of 1 (7 is prime)
-    ((10, 14, 14, 6), 3, 1, 210_000, "tanh"),  # blocks of 5 (the largest divisor of 10 within the budget)
-    ((7, 12, 10, 4), 3, 1, 40_000, None),      # forward: blocks of 3, the last one zero-padded; backward: of 1
-    ((7, 12, 10, 4), 3, 1, 40_000, "relu"),
+    ((7, 14, 14, 6), 5, 1, 3000, "relu", "auto"),      # blocks of 1 (7 is prime)
+    ((7, 14, 14, 6), 5, 1, 3000, "relu", "patches"),   # the same in nine-tap patches
+    ((10, 14, 14, 6), 3, 1, 210_000, "tanh", "auto"),  # blocks of 5 (the largest divisor of 10 within the budget)
+    ((7, 12, 10, 4), 3, 1, 40_000, None, "auto"),      # forward: blocks of 3, the last one zero-padded; backward: 1
+    ((7, 12, 10, 4), 3, 1, 40_000, "relu", "auto"),
     # Stride 2: nine-tap patches.
-    ((5, 28, 28, 3), 4, 2, 20000, None),       # stride 2, 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
-    ((4, 9, 7, 2), 3, 2, 600, "relu"),         # stride 2, odd sizes -> 5 x 4, blocks of 2
-    ((3, 9, 7, 2), 3, 2, 600, "tanh"),         # stride 2, blocks of 2, the last one zero-padded
+    ((5, 28, 28, 3), 4, 2, 20000, None, "auto"),       # 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
+    ((4, 9, 7, 2), 3, 2, 600, "relu", "auto"),         # odd sizes -> 5 x 4, blocks of 2
+    ((3, 9, 7, 2), 3, 2, 600, "tanh", "patches"),      # blocks of 2, the last one zero-padded
 ])
-def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activation, monkeypatch):
-    """PatchConv (a 3x3 conv as blocked matmuls onto patches, with the bias and the activation applied inside the
-    blocks) is nn.Conv(features, (3, 3), strides, padding="SAME") followed by the activation: same parameter tree
-    and initial values, outputs and gradients (parameters and input), whether the examples fit one block, split
-    evenly into blocks, or leave a zero-padded last block."""
+def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activation, form, monkeypatch):
+    """PatchConv (a 3x3 conv as blocked matmuls onto nine-tap or row patches, with the bias and the activation
+    applied inside the blocks) is nn.Conv(features, (3, 3), strides, padding="SAME") followed by the activation:
+    same parameter tree and initial values, outputs and gradients (parameters and input), whether the examples fit
+    one block, split evenly into blocks, or leave a zero-padded last block."""
     import flax.linen as nn
 
     from dlvm_jax import networks
@@ -382,7 +388,7 @@ def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activa
     act = networks.get_activation(activation) if activation else (lambda v: v)
     reference = nn.Sequential([conv, act])
     params = conv.init(jax.random.key(1), x)
-    ours = PatchConv(features, stride, activation)
+    ours = PatchConv(features, stride, activation, form)
     chex.assert_trees_all_equal(ours.init(jax.random.key(1), x), params)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
     params = {"params": {"layers_0": params["params"]}}
@@ -420,6 +426,10 @@ def test_patch_block_size():
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), bias=jnp.zeros(3))
     with pytest.raises(ValueError, match="applies only the activations relu, tanh.*'elu'"):
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), activation="elu")
+    with pytest.raises(ValueError, match="form must be one of"):
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), form="im2col")
+    with pytest.raises(ValueError, match="needs stride 1"):
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 2, form="rows")
     from dlvm_jax.networks import transpose2x
 
     with pytest.raises(ValueError, match="transpose2x expects"):
