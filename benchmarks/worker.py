@@ -151,9 +151,8 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     import optax
 
-    from dlvm_jax.train import init_state, make_train_step
-
     from dlvm_jax.objectives import microbatched
+    from dlvm_jax.train import init_state, make_train_step
 
     model, loss_fn = _jax_model(task["model"], task["num_samples"])
     if task.get("microbatch"):

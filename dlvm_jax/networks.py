@@ -598,7 +598,8 @@ def _row_patches(x: jax.Array) -> jax.Array:
 
 
 def _row_patches_bytes(x: jax.Array, features: int) -> int:
-    """Bytes per example of the row patches and their products with the kernel (or the output gradient's)."""
+    """Bytes per example of the row patches and of ``features`` more maps of their (H + 2) x W x 3 layout (their
+    products with the kernel, the shifted output gradient)."""
     return (x.shape[1] + 2) * x.shape[2] * 3 * (x.shape[-1] + features) * x.dtype.itemsize
 
 
@@ -649,8 +650,9 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
             dx, dkernel = _rows_pullback(xb, gz, rows_kernel)
             return dx, jnp.concatenate([dkernel, jnp.sum(gz, axis=(0, 1, 2))[None]])
 
-        per_example = _row_patches_bytes(x, features) + (x.shape[1] + 2) * x.shape[2] * 3 * channels * x.dtype.itemsize
-        return _blockwise(rows_block, (x, y, g), per_example, total=jnp.zeros_like(weights))
+        # the row patches, the shifted output gradient (3 F a pixel) and the row patches' gradient (3 C)
+        return _blockwise(rows_block, (x, y, g), _row_patches_bytes(x, features + channels),
+                          total=jnp.zeros_like(weights))
     out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
 
