@@ -38,6 +38,13 @@ def _rss(d: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " / ".join(_f(d.get(k)) for k in keys)
 
 
+def _steps(setting: dict[str, Any], fw: str) -> str:
+    """A framework's steps/s in a train setting, with the microbatch size it was fastest at (if not the whole
+    batch)."""
+    size = (setting.get("microbatch") or {}).get(fw)
+    return _num(setting[f"{fw}_steps_per_s"]) + (f" (mb {size})" if size else "")
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     peak = results["matmul_peak"]
@@ -64,12 +71,15 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     is_rows = []
     errors = []
+    by_size: list[tuple[str, dict[str, Any]]] = []
     for model, settings in results["models"].items():
         for name, s in settings.items():
             if name.startswith("train"):
+                if "steps_per_s_by_microbatch" in s:
+                    by_size.append((model, s))
                 lines.append(
-                    f"| {LABELS[model]} | {s['num_samples']} | {_num(s['jax_steps_per_s'])} | "
-                    f"{_num(s['torch_eager_steps_per_s'])} | {_num(s['torch_compile_steps_per_s'])} | "
+                    f"| {LABELS[model]} | {s['num_samples']} | {_steps(s, 'jax')} | "
+                    f"{_steps(s, 'torch_eager')} | {_steps(s, 'torch_compile')} | "
                     f"{_f(s['ratio_vs_eager'], '{:.2f}')} | {_f(s['ratio_vs_compile'], '{:.2f}')} | "
                     f"{_f(s['jax_compile_s'], '{:.1f}')} | {_f(s['torch_compile_s'], '{:.1f}')} | "
                     f"{_f(s['gflop_per_step'], '{:.3g}')} | {_pct(s['fraction_of_matmul_peak'])} | "
@@ -83,17 +93,34 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {LABELS[model]} | {s['num_samples']} | {s['images']} | {_num(s['jax_logw_per_s'])} | "
                     f"{_num(s['torch_logw_per_s'])} | {_f(s['ratio_vs_torch'], '{:.2f}')} | "
                     f"{_f(s['mflop_per_logw'], '{:.3g}')} | {_pct(s['fraction_of_matmul_peak'])} | "
+                    f"{_pct(s.get('fraction_of_adjacent_matmul_peak'))} | "
                     f"{_pct(s['torch_fraction_of_matmul_peak'])} | {_f(s['jax_compile_s'], '{:.1f}')} | "
                     f"{_rss(s['peak_rss_mb'], ('jax', 'torch'))} |")
                 for fw, e in s.get("errors", {}).items():
                     errors.append(f"{LABELS[model]} IS {fw}: {e}")
+    if by_size:
+        lines += [
+            "",
+            "Each framework's train steps by microbatch size (steps/s; the gradient accumulated over microbatches of "
+            "that many examples, 0: the whole batch at once; above, each framework's fastest, mb: its size):",
+            "",
+            "| model | M | microbatch | JAX | torch eager | torch.compile | JAX / eager |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for model, s in by_size:
+            for size, row in s["steps_per_s_by_microbatch"].items():
+                ratio = (row["jax"] / row["torch_eager"] if row.get("jax") and row.get("torch_eager") else None)
+                lines.append(f"| {LABELS[model]} | {s['num_samples']} | {size} | {_num(row.get('jax'))} | "
+                             f"{_num(row.get('torch_eager'))} | {_num(row.get('torch_compile'))} | "
+                             f"{_f(ratio, '{:.2f}')} |")
     lines += [
         "",
-        "Importance-sampled log-likelihood throughput (log-weights/s; K samples per image):",
+        "Importance-sampled log-likelihood throughput (log-weights/s; K samples per image; JAX's FLOP/s also against "
+        "its matmul peak sampled between its IS batches, the same minutes):",
         "",
-        "| model | K | images | JAX | PyTorch | JAX / PyTorch | MFLOP / log-weight | JAX % of peak | PyTorch % of peak "
-        "| JAX compile (s) | peak RSS MB (JAX / PyTorch) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | K | images | JAX | PyTorch | JAX / PyTorch | MFLOP / log-weight | JAX % of peak "
+        "| JAX % of peak sampled alongside | PyTorch % of peak | JAX compile (s) | peak RSS MB (JAX / PyTorch) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *is_rows,
         "",
         "Targets:",

@@ -127,23 +127,47 @@ def _jax_data(task: dict[str, Any], n: int) -> np.ndarray:
     return x.reshape(-1, 28, 28, 1) if task["model"] == "conv_vae" else x
 
 
-def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
+def _jax_matmul(n: int) -> Callable[[], Any]:
+    """A compiled (and once run) float32 (n, n) @ (n, n) matmul of fixed random operands; returns its result
+    unsynchronised."""
     jax = _jax_setup()
     import jax.numpy as jnp
 
-    n = task["n"] if jax.default_backend() == "cpu" else max(task["n"], 8192)
     a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(0)))
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, b).block_until_ready()
+    return lambda: mm(a, b)
+
+
+def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
+    jax = _jax_setup()
+    n = task["n"] if jax.default_backend() == "cpu" else max(task["n"], 8192)
+    matmul = _jax_matmul(n)
 
     def run(calls: int) -> None:
         for _ in range(calls):
-            out = mm(a, b)
+            out = matmul()
         out.block_until_ready()
 
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
     return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9,
             "n": n, "device": _jax_device()}
+
+
+def jax_matmul_probe(n: int, calls: int = 4) -> Callable[[], float]:
+    """A function that runs ``calls`` of :func:`jax_peak`'s matmul back to back and returns their GFLOP/s, as one of
+    :func:`jax_peak`'s repeats does (but ~0.2 s instead of 0.5 at n = 2048 on 2 cores): the peak sampled in passing,
+    so that an IS measurement can be set against the peak of the same minutes."""
+    matmul = _jax_matmul(n)
+
+    def probe() -> float:
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = matmul()
+        out.block_until_ready()
+        return calls * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+    return probe
 
 
 def jax_train(task: dict[str, Any]) -> dict[str, Any]:
@@ -199,17 +223,26 @@ def jax_is(task: dict[str, Any]) -> dict[str, Any]:
     compile_s = time.perf_counter() - t
     batches = [jnp.asarray(data[i:i + bs]) for i in range(0, data.shape[0], bs)]
     jax.block_until_ready(estimate(params, batches[0], jax.random.fold_in(key, 10**6 + 1)))  # warm-up, as for PyTorch
+    # The matmul peak, sampled before and after every timed batch (outside the timings), for the fraction of the
+    # peak of the same minutes: the shared host's speed drifts by a fifth over a run.
+    probe = jax_matmul_probe(task["peak_n"]) if task.get("peak_n") else None
+    peaks = [probe()] if probe else []
     seconds, log_px = [], []
     for i, b in enumerate(batches):
         t = time.perf_counter()
         out = jax.block_until_ready(estimate(params, b, jax.random.fold_in(key, i)))
         seconds.append(time.perf_counter() - t)
         log_px.append(np.asarray(out.log_px))
+        if probe:
+            peaks.append(probe())
     n_logw = data.shape[0] * task["num_samples"]
     compile_s = max(0.0, compile_s - statistics.median(seconds))  # the first call less one batch's run time
-    return {"logw_per_s": n_logw / sum(seconds), "seconds": sum(seconds), "compile_s": compile_s,
-            "batch_seconds": seconds, "log_px_mean": float(np.mean(np.concatenate(log_px))),
-            "rss_setup_mb": rss_setup}
+    out = {"logw_per_s": n_logw / sum(seconds), "seconds": sum(seconds), "compile_s": compile_s,
+           "batch_seconds": seconds, "log_px_mean": float(np.mean(np.concatenate(log_px))),
+           "rss_setup_mb": rss_setup}
+    if peaks:
+        out.update(adjacent_peak_gflops=max(peaks), adjacent_peak_samples_gflops=peaks)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""How ``python -m benchmarks`` turns its workers' measurements into results (no workers run here): the
+``--microbatch`` sizes, each framework's fastest microbatch size, and the MLP IS target against the matmul peak
+sampled alongside the IS batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import report
+
+
+def test_microbatch_sizes_are_parsed_and_checked(capsys):
+    assert bench.parse_args([]).microbatch == bench.MICROBATCH_SIZES == (0, 5, 10)
+    assert bench.parse_args(["--microbatch", "10"]).microbatch == (10,)
+    assert bench.parse_args(["--microbatch", "0, 20,0,5"]).microbatch == (0, 20, 5)
+    for bad, says in [("7", "divide the batch size 100"), ("100", "divide the batch size 100"),
+                      ("-5", "divide the batch size 100"), ("ten", "comma-separated integers"),
+                      (",", "divide the batch size 100")]:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--microbatch", bad])
+        assert says in capsys.readouterr().err
+
+
+def test_microbatch_description():
+    assert bench.microbatch_description((0,)) == "none"
+    assert "over microbatches of 10 examples in every framework" in bench.microbatch_description((10,))
+    assert ("with the whole batch, microbatches of 5 and microbatches of 10 in every framework alike"
+            in bench.microbatch_description((0, 5, 10)))
+
+
+def _by_size() -> dict[int, dict[str, dict]]:
+    return {
+        0: {"jax": {"steps_per_s": 10.0}, "torch_eager": {"steps_per_s": 7.0},
+            "torch_compile": {"error": "no compiler"}},
+        5: {"jax": {"steps_per_s": 12.0}, "torch_eager": {"error": "crashed"},
+            "torch_compile": {"steps_per_s": 9.0}},
+        10: {"jax": {"steps_per_s": 15.0}, "torch_eager": {"steps_per_s": 6.0},
+             "torch_compile": {"steps_per_s": 8.0}},
+    }
+
+
+def test_each_framework_is_taken_at_its_fastest_microbatch_size():
+    outs, sizes = bench.fastest(_by_size())
+    assert sizes == {"jax": 10, "torch_eager": 0, "torch_compile": 5}
+    assert [outs[f]["steps_per_s"] for f in bench.TRAIN_FRAMEWORKS] == [15.0, 7.0, 9.0]
+    # A framework that failed at every size keeps an error (the first size's) and no size.
+    failed = {0: {"jax": {"steps_per_s": 1.0}, "torch_eager": {"error": "a"}, "torch_compile": {"error": "b"}},
+              5: {"jax": {"steps_per_s": 2.0}, "torch_eager": {"error": "c"}, "torch_compile": {"error": "d"}}}
+    outs, sizes = bench.fastest(failed)
+    assert sizes == {"jax": 5, "torch_eager": None, "torch_compile": None}
+    assert outs["torch_eager"] == {"error": "a"}
+
+
+def test_train_entry_reports_the_fastest_and_every_size():
+    entry = bench.train_entry("conv_vae", 1, _by_size(), peak=100e9)
+    assert entry["jax_steps_per_s"] == 15.0 and entry["torch_eager_steps_per_s"] == 7.0
+    assert entry["torch_compile_steps_per_s"] == 9.0
+    assert entry["ratio_vs_eager"] == pytest.approx(15 / 7, abs=0.005)  # 3 significant digits
+    assert entry["ratio_vs_eager_whole_batch"] == pytest.approx(10 / 7, abs=0.005)
+    assert entry["microbatch"] == {"jax": 10, "torch_eager": 0, "torch_compile": 5}
+    assert entry["steps_per_s_by_microbatch"]["5"] == {"jax": 12.0, "torch_eager": None, "torch_compile": 9.0}
+    assert set(entry["raw"]) == {"0", "5", "10"}
+    assert "torch_compile_error" not in entry and "errors" not in entry
+    # One size: the entry as before, the workers' outputs as raw.
+    single = bench.train_entry("mlp_vae", 1, {0: _by_size()[0]}, peak=100e9)
+    assert "steps_per_s_by_microbatch" not in single and single["raw"]["jax"] == {"steps_per_s": 10.0}
+    assert single["torch_compile_error"] == "no compiler"
+
+
+def _is_entry(adjacent: float | None) -> dict:
+    jax_out = {"logw_per_s": 400_000.0, "compile_s": 1.0, "log_px_mean": -90.0, "peak_rss_mb": 500.0}
+    if adjacent is not None:
+        jax_out["adjacent_peak_gflops"] = adjacent
+    outs = {"jax": jax_out, "torch": {"logw_per_s": 100_000.0, "log_px_mean": -90.0, "peak_rss_mb": 400.0}}
+    return bench.is_entry("mlp_vae", 5000, 1000, outs, peak=400e9, chunk=100, batch=100)
+
+
+def test_mlp_is_target_uses_the_peak_sampled_alongside():
+    from benchmarks import flops
+
+    per_logw = flops.log_weight_flops("mlp_vae", 5000)
+    entry = _is_entry(adjacent=300.0)
+    assert entry["fraction_of_matmul_peak"] == pytest.approx(400_000 * per_logw / 400e9, rel=1e-3)
+    assert entry["fraction_of_adjacent_matmul_peak"] == pytest.approx(400_000 * per_logw / 300e9, rel=1e-3)
+    target = [t for t in bench.check_targets({"mlp_vae": {"is_K5000": entry}}) if "peak" in t["what"]]
+    assert len(target) == 1 and "sampled between its batches" in target[0]["what"]
+    assert target[0]["value"] == entry["fraction_of_adjacent_matmul_peak"]
+    assert target[0]["met"] == (entry["fraction_of_adjacent_matmul_peak"] >= 0.4)
+    # Without samples (an older worker, or a failed probe): the run's peak.
+    plain = _is_entry(adjacent=None)
+    assert plain["fraction_of_adjacent_matmul_peak"] is None
+    target = [t for t in bench.check_targets({"mlp_vae": {"is_K5000": plain}}) if "peak" in t["what"]]
+    assert target[0]["value"] == plain["fraction_of_matmul_peak"] and "sampled" not in target[0]["what"]
+
+
+def test_report_shows_sizes_and_the_peak_sampled_alongside():
+    results = {
+        "command": "python -m benchmarks", "quick": False, "data": {"images": "random", "spiral": "spiral"},
+        "machine": {"cpu": "CPU", "cores": 2, "device": "cpu", "jax": "0", "flax": "0", "torch": "0", "date": "d",
+                    "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0],
+                    "microbatch": bench.microbatch_description((0, 5, 10))},
+        "matmul_peak": {"n": 2048, "jax_gflops": 400.0, "torch_gflops": 200.0, "peak_gflops": 400.0},
+        "models": {"conv_vae": {"train_M1": bench.train_entry("conv_vae", 1, _by_size(), peak=400e9)},
+                   "mlp_vae": {"is_K5000": _is_entry(adjacent=300.0)}},
+    }
+    results["targets"] = bench.check_targets(results["models"])
+    text = report.markdown(results)
+    assert "| conv VAE | 1 | 15 (mb 10) | 7 | 9 (mb 5) | 2.14 |" in text
+    assert "| conv VAE | 1 | 0 | 10 | 7 | - | 1.43 |" in text
+    assert "| conv VAE | 1 | 5 | 12 | - | 9 | - |" in text
+    shares = [f"{100 * results['models']['mlp_vae']['is_K5000'][k]:.1f}%"
+              for k in ("fraction_of_matmul_peak", "fraction_of_adjacent_matmul_peak")]
+    assert f"| {shares[0]} | {shares[1]} |" in text
