@@ -1,4 +1,4 @@
-"""Each framework at its best across several runs of ``python -m benchmarks``: the fastest of each per setting.
+"""Each framework across several runs of ``python -m benchmarks``: the fastest of each per setting, and the median.
 
     python -m benchmarks.compare default=benchmarks/results/latest.json kept=benchmarks/results/kept/latest.json \\
         [--out benchmarks/results/best_of.json]
@@ -7,13 +7,16 @@ Meant for runs that differ in a setting that helps one framework and hurts the o
 ``--keep-freed-memory`` (glibc's malloc keeping freed memory: PyTorch eager gains up to 2.6x from it, JAX's small
 models lose up to a third) or ``--microbatch`` (the conv VAE's gradient accumulated over microbatches): per model
 and setting, JAX's fastest result is set against PyTorch eager's and torch.compile's fastest, each labelled with
-the run it came from. Writes JSON and a markdown table next to it.
+the run it came from. For repeated runs of one setting on a shared, noisy machine, the median over the runs of
+each framework's result is the steadier summary, and the ratio of those medians is given too. Writes JSON and
+markdown tables next to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,29 @@ TRAIN = {"jax": "jax_steps_per_s", "torch_eager": "torch_eager_steps_per_s",
 IS = {"jax": "jax_logw_per_s", "torch": "torch_logw_per_s"}
 
 
+def _values(runs: list[tuple[str, dict[str, Any]]], model: str, setting: str, key: str) -> list[tuple[float, str]]:
+    """``key``'s value in each run that measured it for this model and setting, with the run's name."""
+    return [(r["models"][model][setting][key], name) for name, r in runs
+            if setting in r["models"].get(model, {}) and r["models"][model][setting].get(key)]
+
+
 def best(runs: list[tuple[str, dict[str, Any]]], model: str, setting: str, key: str) -> tuple[float | None, str]:
     """The largest ``key`` over the runs for this model and setting, and the name of the run that gave it."""
-    found = [(r["models"][model][setting].get(key), name) for name, r in runs
-             if setting in r["models"].get(model, {}) and r["models"][model][setting].get(key)]
+    found = _values(runs, model, setting, key)
     return max(found) if found else (None, "-")
+
+
+def median(runs: list[tuple[str, dict[str, Any]]], model: str, setting: str, key: str) -> tuple[float | None, int]:
+    """The median of ``key`` over the runs that measured it for this model and setting, and how many did."""
+    found = [v for v, _ in _values(runs, model, setting, key)]
+    return (statistics.median(found) if found else None), len(found)
+
+
+def _ratios(row: dict[str, Any], keys: dict[str, str], suffix: str = "") -> None:
+    for fw in keys:
+        if fw != "jax":
+            a, b = row[f"jax{suffix}"], row[f"{fw}{suffix}"]
+            row[f"ratio_vs_{fw}{suffix}"] = round(a / b, 3) if a and b else None
 
 
 def compare(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -40,9 +61,9 @@ def compare(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             row: dict[str, Any] = {"model": model, "setting": setting}
             for fw, key in keys.items():
                 row[fw], row[f"{fw}_run"] = best(runs, model, setting, key)
-            for fw in keys:
-                if fw != "jax":
-                    row[f"ratio_vs_{fw}"] = (round(row["jax"] / row[fw], 3) if row["jax"] and row[fw] else None)
+                row[f"{fw}_median"], row[f"{fw}_runs"] = median(runs, model, setting, key)
+            _ratios(row, keys)
+            _ratios(row, keys, "_median")
             rows.append(row)
     return {"runs": [{"name": name, "command": r["command"], "malloc": r["machine"].get("malloc", "defaults"),
                       "microbatch": r["machine"].get("microbatch", "none"), "date": r["machine"]["date"]}
@@ -64,6 +85,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {LABELS[row['model']]} | {row['setting']} | {cell('jax')} | {cell(torch)} | "
                      f"{cell('torch_compile')} | {_f(row.get(f'ratio_vs_{torch}'), '{:.2f}')} | "
                      f"{_f(row.get('ratio_vs_torch_compile'), '{:.2f}')} |")
+    lines += ["", "Each framework's median over the runs (how many runs measured it), and the ratios of the medians:",
+              "", "| model | setting | JAX | PyTorch eager | torch.compile | JAX / eager | JAX / compile |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        torch = "torch_eager" if "torch_eager" in row else "torch"
+
+        def med(fw: str) -> str:
+            return f"{_num(row[f'{fw}_median'])} ({row[f'{fw}_runs']})" if row.get(f"{fw}_median") else "-"
+
+        lines.append(f"| {LABELS[row['model']]} | {row['setting']} | {med('jax')} | {med(torch)} | "
+                     f"{med('torch_compile')} | {_f(row.get(f'ratio_vs_{torch}_median'), '{:.2f}')} | "
+                     f"{_f(row.get('ratio_vs_torch_compile_median'), '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 

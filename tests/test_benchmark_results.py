@@ -112,3 +112,23 @@ def test_report_shows_sizes_and_the_peak_sampled_alongside():
     shares = [f"{100 * results['models']['mlp_vae']['is_K5000'][k]:.1f}%"
               for k in ("fraction_of_matmul_peak", "fraction_of_adjacent_matmul_peak")]
     assert f"| {shares[0]} | {shares[1]} |" in text
+
+
+def test_compare_takes_the_fastest_and_the_median_over_runs():
+    from benchmarks import compare
+
+    def run(jax: float, eager: float | None) -> dict:
+        return {"command": "python -m benchmarks", "machine": {"date": "d"},
+                "models": {"conv_vae": {"train_M1": {"jax_steps_per_s": jax, "torch_eager_steps_per_s": eager,
+                                                     "torch_compile_steps_per_s": None}}}}
+
+    runs = [("a", run(15.0, 9.0)), ("b", run(10.0, 10.5)), ("c", run(16.0, None)), ("d", run(14.0, 9.5))]
+    row = compare.compare(runs)["rows"][0]
+    assert (row["jax"], row["jax_run"], row["torch_eager"], row["torch_eager_run"]) == (16.0, "c", 10.5, "b")
+    assert row["ratio_vs_torch_eager"] == pytest.approx(16 / 10.5, abs=1e-3)
+    assert (row["jax_median"], row["jax_runs"]) == (14.5, 4)
+    assert (row["torch_eager_median"], row["torch_eager_runs"]) == (9.5, 3)  # c did not measure it
+    assert row["ratio_vs_torch_eager_median"] == pytest.approx(14.5 / 9.5, abs=1e-3)
+    assert row["torch_compile_median"] is None and row["ratio_vs_torch_compile_median"] is None
+    text = compare.markdown(compare.compare(runs))
+    assert "| conv VAE | train_M1 | 14.5 (4) | 9.5 (3) | - | 1.53 | - |" in text
