@@ -5,7 +5,9 @@
 Models (benchmarks/torch_models.py holds the PyTorch side; tests/test_torch_parity.py proves both compute the same
 thing): the Bernoulli MLP VAE 784-200-200-50 (tanh), the convolutional VAE of the binarized-MNIST experiment (2-D
 latent) and the GMVAE of the spiral experiment. Measured, each in a fresh process (benchmarks/worker.py) on the
-same cores with the same thread count:
+same cores with the same thread count (with ``--interleave``, the frameworks' train-step workers for one setting
+are kept alive side by side and their timed repeats alternated, so that a slow spell of a shared machine falls on
+all of them):
 
 * train-step throughput (steps/s, median of 5 repeats after warm-up, compilation excluded) of dlvm_jax's jitted,
   donated ``make_train_step`` against PyTorch eager and ``torch.compile`` (Adam 1e-3 on both sides; batch 100 for
@@ -36,6 +38,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dlvm_jax.objectives.microbatched; PyTorch: one backward pass per microbatch; 0: the whole "
                         "batch at once), and each framework's fastest is its result (default "
                         + ",".join(map(str, MICROBATCH_SIZES)) + "; 0 for the whole batch only)")
+    p.add_argument("--interleave", action="store_true",
+                   help="keep the frameworks' train-step workers for a setting alive side by side and alternate "
+                        "their timed repeats, so that a slow spell of a shared machine falls on all of them "
+                        "(default: one worker after the other)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even where a GPU is present")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement process")
     args = p.parse_args(argv)
@@ -156,7 +163,7 @@ def shown_command(argv: list[str]) -> str:
     return " ".join(["python -m benchmarks", *map(show, argv)])
 
 
-def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def _worker_command(task: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     task = {"keep_freed_memory": args.keep_freed_memory, **task}
     env = dict(os.environ)
     if args.torch_omp_passive and task["framework"].startswith("torch"):
@@ -164,22 +171,98 @@ def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     if args.cpu:
         env["JAX_PLATFORMS"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return [sys.executable, "-m", "benchmarks.worker", json.dumps(task)], env
+
+
+def _result(stdout: str, returncode: int | None, stderr: str) -> dict[str, Any]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"worker exited with status {returncode}: {tail}"[:500]}
+
+
+def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    command, env = _worker_command(task, args)
     load = os.getloadavg()[0]
     t = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(task)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=args.timeout)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if lines:
-            out = json.loads(lines[-1][len("RESULT "):])
-        else:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            out = {"error": f"worker exited with status {proc.returncode}: {tail}"[:500]}
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+        out = _result(proc.stdout, proc.returncode, proc.stderr)
     except subprocess.TimeoutExpired:
         out = {"error": f"timed out after {args.timeout:.0f} s"}
     out["wall_s"] = round(time.perf_counter() - t, 1)
     out["load_average_1min_before"] = round(load, 2)
     return out
+
+
+class _LiveWorker:
+    """A worker process run with ``interleaved``: it sets up, then waits for its turn before each timed repeat."""
+
+    def __init__(self, task: dict[str, Any], args: argparse.Namespace) -> None:
+        command, env = _worker_command({**task, "interleaved": True}, args)
+        self.load = os.getloadavg()[0]
+        self.start = time.perf_counter()
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1)
+        self.stdout: list[str] = []
+        self.alive = self.read_until("WAITING")  # set up, compiled and warmed up
+
+    def read_until(self, marker: str) -> bool:
+        """Read stdout up to a line ``marker``; False when the worker ended first (an error, or its result)."""
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            if line.strip() == marker:
+                return True
+        return False
+
+    def take_turn(self, first: bool) -> None:
+        """One timed repeat: wait for the worker to be ready (not before the first), let it go, wait until done."""
+        if self.alive and not first:
+            self.alive = self.read_until("WAITING")
+        if self.alive:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+            self.alive = self.read_until("TIMED")
+
+    def finish(self) -> dict[str, Any]:
+        """Let the worker end (its stdin closed) and take its result."""
+        self.proc.stdin.close()
+        self.stdout.append(self.proc.stdout.read())  # to its end (the watchdog of run_interleaved kills a hung one)
+        self.proc.wait()
+        self.stderr.seek(0)
+        out = _result("".join(self.stdout), self.proc.returncode, self.stderr.read())
+        self.stderr.close()
+        out["wall_s"] = round(time.perf_counter() - self.start, 1)
+        out["load_average_1min_before"] = round(self.load, 2)
+        return out
+
+
+def run_interleaved(tasks: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Run one worker per framework, set up one after the other (so that compile times do not overlap), then
+    alternate their timed repeats, the first framework rotating from repeat to repeat: a slow spell of a shared
+    machine, which lasts seconds, then falls on every framework's repeats alike instead of on one worker. Each
+    worker reports the median of its repeats as before. A watchdog kills them all after ``--timeout`` seconds
+    each."""
+    workers: dict[str, _LiveWorker] = {}
+    watchdog = threading.Timer(args.timeout * max(1, len(tasks)),
+                               lambda: [w.proc.kill() for w in workers.values()])
+    watchdog.start()
+    try:
+        for fw, task in tasks.items():
+            workers[fw] = _LiveWorker(task, args)
+        names = list(workers)
+        for rep in range(args.repeats):
+            shift = rep % len(names)
+            for fw in names[shift:] + names[:shift]:
+                workers[fw].take_turn(first=rep == 0)
+        return {fw: w.finish() for fw, w in workers.items()}
+    finally:
+        watchdog.cancel()
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
 
 
 def show(label: str, out: dict[str, Any], key: str, unit: str) -> None:
@@ -334,6 +417,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
             "malloc": ("freed memory kept for reuse in every worker, JAX and PyTorch alike (--keep-freed-memory)"
                        if args.keep_freed_memory else "defaults"),
             "microbatch": microbatch_description(args.microbatch),
+            "interleave": bool(args.interleave),
             "torch_omp_wait_policy": "PASSIVE" if args.torch_omp_passive else os.environ.get("OMP_WAIT_POLICY",
                                                                                              "default")}
 
@@ -381,16 +465,18 @@ def main(argv: list[str] | None = None) -> int:
             for m in SAMPLES:
                 by_size: dict[int, dict[str, dict]] = {}
                 for size in (args.microbatch if model in MICROBATCHED else (0,)):
-                    outs = by_size[size] = {}
+                    tasks = {fw: {"kind": "train", "framework": fw, "model": model, "num_samples": m,
+                                  "batch_size": BATCH[model], "data": data_for(model), "repeats": args.repeats,
+                                  "target_s": args.repeat_seconds, "warmup_s": 2 * args.repeat_seconds,
+                                  "microbatch": size}
+                             for fw in TRAIN_FRAMEWORKS if not (fw == "torch_compile" and args.no_compile)}
+                    if args.interleave:
+                        outs = run_interleaved(tasks, args)
+                    else:
+                        outs = {fw: run_worker(task, args) for fw, task in tasks.items()}
+                    outs.update({fw: {"error": "skipped (--no-compile)"} for fw in TRAIN_FRAMEWORKS if fw not in outs})
+                    by_size[size] = outs
                     for fw in TRAIN_FRAMEWORKS:
-                        if fw == "torch_compile" and args.no_compile:
-                            outs[fw] = {"error": "skipped (--no-compile)"}
-                            continue
-                        task = {"kind": "train", "framework": fw, "model": model, "num_samples": m,
-                                "batch_size": BATCH[model], "data": data_for(model), "repeats": args.repeats,
-                                "target_s": args.repeat_seconds, "warmup_s": 2 * args.repeat_seconds,
-                                "microbatch": size}
-                        outs[fw] = run_worker(task, args)
                         shown = f" microbatch {size}" if size else ""
                         show(f"{model} M={m} {fw}{shown}", outs[fw], "steps_per_s", "steps/s")
                 models[model][f"train_M{m}"] = train_entry(model, m, by_size, peak)

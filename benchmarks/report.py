@@ -56,7 +56,9 @@ def markdown(results: dict[str, Any]) -> str:
         + (f"; PyTorch ran with OMP_WAIT_POLICY={m['torch_omp_wait_policy']}"
            if m.get("torch_omp_wait_policy", "default") != "default" else "") + "."
         + (f" Malloc: {m['malloc']}." if m.get("malloc", "defaults") != "defaults" else "")
-        + (f" Microbatches: {m['microbatch']}." if m.get("microbatch", "none") != "none" else ""),
+        + (f" Microbatches: {m['microbatch']}." if m.get("microbatch", "none") != "none" else "")
+        + (" The frameworks' train-step repeats alternated between their live workers (--interleave)."
+           if m.get("interleave") else ""),
         f"Float32 matmul peak ({peak['n']}x{peak['n']}, best of 5): JAX {_f(peak['jax_gflops'])} GFLOP/s, PyTorch "
         f"{_f(peak['torch_gflops'])} GFLOP/s; the fractions below are of {_f(peak['peak_gflops'])} GFLOP/s. "
         f"Data: {results['data']['images']}; {results['data']['spiral']}.",

@@ -51,12 +51,22 @@ def objective_for(model: str, num_samples: int) -> str:
 
 #: Minor page faults per call over the timed repeats of the last :func:`timed_repeats` (reported with the result).
 FAULTS: dict[str, float] = {}
+#: Set from the task's ``interleaved`` flag: :func:`timed_repeats` then takes turns with other live workers.
+INTERLEAVED = False
+
+
+def _await_turn() -> None:
+    """Interleaved repeats: say so on stdout and block until the driver writes a line to stdin (or closes it)."""
+    print("WAITING", flush=True)
+    sys.stdin.readline()
 
 
 def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, warmup_s: float) -> list[float]:
     """Seconds per step over ``repeats`` runs of ``run(calls)`` (which must finish all its work before
     returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up.
-    Records the minor page faults per call of the timed runs in FAULTS."""
+    Records the minor page faults per call of the timed runs in FAULTS. With :data:`INTERLEAVED`, each timed run
+    waits for its turn (:func:`_await_turn`), starts with one untimed call (the other workers have had the cores
+    and caches meanwhile) and prints ``TIMED`` when it is done."""
     start = time.perf_counter()
     n = 0
     while True:
@@ -68,13 +78,19 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
     run(2)
     per_call = (time.perf_counter() - t) / 2
     calls = max(2, int(round(target_s / max(per_call, 1e-6))))
-    out = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out, faults = [], 0
     for _ in range(repeats):
+        if INTERLEAVED:
+            _await_turn()
+            run(1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         run(calls)
         out.append((time.perf_counter() - t) / calls)
-    FAULTS["minor_faults_per_call"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (repeats * calls)
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        if INTERLEAVED:
+            print("TIMED", flush=True)
+    FAULTS["minor_faults_per_call"] = faults / (repeats * calls)
     return out
 
 
@@ -382,7 +398,9 @@ TASKS = {
 
 
 def main(argv: list[str]) -> int:
+    global INTERLEAVED
     task = json.loads(argv[0])
+    INTERLEAVED = bool(task.get("interleaved"))
     # Before either framework starts its threads (see dlvm_jax.runtime); the same for JAX and PyTorch.
     keep = task.get("keep_freed_memory", False)
     if keep:

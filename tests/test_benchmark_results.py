@@ -132,3 +132,41 @@ def test_compare_takes_the_fastest_and_the_median_over_runs():
     assert row["torch_compile_median"] is None and row["ratio_vs_torch_compile_median"] is None
     text = compare.markdown(compare.compare(runs))
     assert "| conv VAE | train_M1 | 14.5 (4) | 9.5 (3) | - | 1.53 | - |" in text
+
+
+_FAKE_WORKER = r"""
+import json, sys, time
+task = json.loads(sys.argv[1])
+log = open(task["log"], "a")
+if task.get("fail"):
+    print("RESULT " + json.dumps({"error": "no compiler"}), flush=True)
+    sys.exit(0)
+for i in range(task["repeats"]):
+    print("WAITING", flush=True)
+    sys.stdin.readline()
+    log.write(f"{task['framework']} {i}\n")
+    log.flush()
+    print("TIMED", flush=True)
+print("RESULT " + json.dumps({"steps_per_s": 1.0, "interleaved": task["interleaved"]}), flush=True)
+"""
+
+
+def test_interleaved_workers_take_turns(tmp_path, monkeypatch):
+    """run_interleaved starts the workers one by one, then alternates their repeats, the first worker rotating;
+    a worker that ends before its repeats (an error) is left out and keeps its result."""
+    import sys
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text(_FAKE_WORKER)
+    log = tmp_path / "turns.log"
+    monkeypatch.setattr(bench, "_worker_command",
+                        lambda task, args: ([sys.executable, str(script), __import__("json").dumps(task)], None))
+    args = bench.parse_args(["--repeats", "3"])
+    tasks = {fw: {"framework": fw, "repeats": 3, "log": str(log)} for fw in ("jax", "torch_eager")}
+    tasks["torch_compile"] = {"framework": "torch_compile", "repeats": 3, "log": str(log), "fail": True}
+    outs = bench.run_interleaved(tasks, args)
+    assert outs["torch_compile"]["error"] == "no compiler"
+    assert outs["jax"]["steps_per_s"] == 1.0 and outs["jax"]["interleaved"] is True
+    assert "wall_s" in outs["torch_eager"]
+    assert log.read_text().split("\n")[:-1] == ["jax 0", "torch_eager 0", "torch_eager 1", "jax 1", "jax 2",
+                                                "torch_eager 2"]
