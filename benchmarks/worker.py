@@ -143,28 +143,28 @@ def _jax_data(task: dict[str, Any], n: int) -> np.ndarray:
     return x.reshape(-1, 28, 28, 1) if task["model"] == "conv_vae" else x
 
 
-def _jax_matmul(n: int) -> Callable[[], Any]:
-    """A compiled (and once run) float32 (n, n) @ (n, n) matmul of fixed random operands; returns its result
-    unsynchronised."""
+def _jax_matmuls(n: int) -> Callable[[int], None]:
+    """``run(calls)``: that many float32 (n, n) @ (n, n) matmuls of fixed random operands back to back, waiting for
+    the last (compiled and run once here)."""
     jax = _jax_setup()
     import jax.numpy as jnp
 
     a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(0)))
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, b).block_until_ready()
-    return lambda: mm(a, b)
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            out = mm(a, b)
+        out.block_until_ready()
+
+    return run
 
 
 def jax_peak(task: dict[str, Any]) -> dict[str, Any]:
     jax = _jax_setup()
     n = task["n"] if jax.default_backend() == "cpu" else max(task["n"], 8192)
-    matmul = _jax_matmul(n)
-
-    def run(calls: int) -> None:
-        for _ in range(calls):
-            out = matmul()
-        out.block_until_ready()
-
+    run = _jax_matmuls(n)
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=0.5)
     return {"gflops": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / statistics.median(times) / 1e9,
             "n": n, "device": _jax_device()}
@@ -174,13 +174,11 @@ def jax_matmul_probe(n: int, calls: int = 4) -> Callable[[], float]:
     """A function that runs ``calls`` of :func:`jax_peak`'s matmul back to back and returns their GFLOP/s, as one of
     :func:`jax_peak`'s repeats does (but ~0.2 s instead of 0.5 at n = 2048 on 2 cores): the peak sampled in passing,
     so that an IS measurement can be set against the peak of the same minutes."""
-    matmul = _jax_matmul(n)
+    run = _jax_matmuls(n)
 
     def probe() -> float:
         t = time.perf_counter()
-        for _ in range(calls):
-            out = matmul()
-        out.block_until_ready()
+        run(calls)
         return calls * 2 * n**3 / (time.perf_counter() - t) / 1e9
 
     return probe

@@ -4,6 +4,9 @@ sampled alongside the IS batches."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from benchmarks import __main__ as bench
@@ -154,13 +157,11 @@ print("RESULT " + json.dumps({"steps_per_s": 1.0, "interleaved": task["interleav
 def test_interleaved_workers_take_turns(tmp_path, monkeypatch):
     """run_interleaved starts the workers one by one, then alternates their repeats, the first worker rotating;
     a worker that ends before its repeats (an error) is left out and keeps its result."""
-    import sys
-
     script = tmp_path / "fake_worker.py"
     script.write_text(_FAKE_WORKER)
     log = tmp_path / "turns.log"
     monkeypatch.setattr(bench, "_worker_command",
-                        lambda task, args: ([sys.executable, str(script), __import__("json").dumps(task)], None))
+                        lambda task, args: ([sys.executable, str(script), json.dumps(task)], None))
     args = bench.parse_args(["--repeats", "3"])
     tasks = {fw: {"framework": fw, "repeats": 3, "log": str(log)} for fw in ("jax", "torch_eager")}
     tasks["torch_compile"] = {"framework": "torch_compile", "repeats": 3, "log": str(log), "fail": True}
