@@ -328,21 +328,37 @@ def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]
 _pullback_folded = _fold_vmapped_axes(summed=(False, True))
 
 
-def _custom_vjp_keeping_output(forward: Callable, pullback: Callable) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def _custom_vjp_keeping_output(forward: Callable, pullback: Callable, weights_pullback: Callable | None = None
+                               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x, weights)`` with the custom VJP ``pullback(x, weights, y, g) -> (dx, dweights)``, which gets the output
-    ``y`` as a residual (an activation's derivative from its output); both folded over vmapped axes."""
+    ``y`` as a residual (an activation's derivative from its output); both folded over vmapped axes. Where ``x``
+    takes no part in the differentiation (a first layer's input data) and ``weights_pullback(x, weights, y, g) ->
+    dweights`` is given, that runs instead: no work, and no room in the blocks, for an input gradient nobody reads."""
     folded_forward = _fold_vmapped_axes(summed=(False,))(lambda x, weights: (forward(x, weights),))
     folded_pullback = _fold_vmapped_axes(summed=(False, True))(pullback)
+    folded_weights = None if weights_pullback is None else _fold_vmapped_axes(summed=(True,))(
+        lambda x, weights, y, g: (weights_pullback(x, weights, y, g),))
 
     @jax.custom_vjp
     def f(x: jax.Array, weights: jax.Array) -> jax.Array:
         return folded_forward(x, weights)[0]
 
-    def f_fwd(x: jax.Array, weights: jax.Array):
-        y = folded_forward(x, weights)[0]
-        return y, (x, weights, y)
+    def f_fwd(x, weights):  # jax.custom_derivatives.CustomVJPPrimal: the value and whether it is differentiated
+        y = folded_forward(x.value, weights.value)[0]
+        residuals = (x.value, weights.value, y)
+        # The structure of the residuals (static) tells the backward pass whether x needs its gradient.
+        return y, (residuals if x.perturbed or folded_weights is None else {"weights_only": residuals})
 
-    f.defvjp(f_fwd, lambda res, g: folded_pullback(*res, g))
+    def f_bwd(residuals, g):
+        weights_only = isinstance(residuals, dict)
+        x, weights, y = residuals["weights_only"] if weights_only else residuals
+        if isinstance(g, jax.custom_derivatives.SymbolicZero):
+            g = jnp.zeros(g.shape, g.dtype)
+        if weights_only:
+            return None, folded_weights(x, weights, y, g)[0]
+        return folded_pullback(x, weights, y, g)
+
+    f.defvjp(f_fwd, f_bwd, symbolic_zeros=True)
     return f
 
 
@@ -591,35 +607,43 @@ def _rows_matrix(weights: jax.Array, channels: int) -> jax.Array:
 
 
 def _row_patches(x: jax.Array) -> jax.Array:
-    """(n, H, W, C) -> (n * (H + 2) * W, 3 C): the input padded by one pixel all round, its three column taps."""
+    """(n, H, W, C) -> (n * H * W, 3 C): the three column taps of every pixel, the input padded by one column on
+    each side (padding rows above and below would only give rows of zeros, so there are none)."""
     width = x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    padded = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
     return jnp.concatenate([padded[:, :, s:s + width] for s in range(3)], axis=-1).reshape(-1, 3 * x.shape[-1])
 
 
 def _row_patches_bytes(x: jax.Array, features: int) -> int:
-    """Bytes per example of the row patches and of ``features`` more maps of their (H + 2) x W x 3 layout (their
+    """Bytes per example of the row patches and of ``features`` more maps of their H x W x 3 layout (their
     products with the kernel, the shifted output gradient)."""
-    return (x.shape[1] + 2) * x.shape[2] * 3 * (x.shape[-1] + features) * x.dtype.itemsize
+    return x.shape[1] * x.shape[2] * 3 * (x.shape[-1] + features) * x.dtype.itemsize
 
 
 def _conv_by_rows(x: jax.Array, rows_kernel: jax.Array) -> jax.Array:
     n, height, width, _ = x.shape
-    contributions = (_row_patches(x) @ rows_kernel).reshape(n, height + 2, width, 3, -1)
-    return functools.reduce(jnp.add, [contributions[:, r:r + height, :, r] for r in range(3)])
+    contributions = (_row_patches(x) @ rows_kernel).reshape(n, height, width, 3, -1)
+    # Output row i reads input row i + r - 1 through kernel row r; rows outside the image contribute zeros.
+    above = jnp.pad(contributions[:, :height - 1, :, 0], ((0, 0), (1, 0), (0, 0), (0, 0)))
+    below = jnp.pad(contributions[:, 1:, :, 2], ((0, 0), (0, 1), (0, 0), (0, 0)))
+    return above + contributions[:, :, :, 1] + below
 
 
-def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The input gradient and the (9 C, F) kernel gradient of :func:`_conv_by_rows`, given the output gradient."""
+def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array, input_gradient: bool = True
+                   ) -> tuple[jax.Array | None, jax.Array]:
+    """The input gradient (None without ``input_gradient``) and the (9 C, F) kernel gradient of
+    :func:`_conv_by_rows`, given the output gradient."""
     n, height, width, channels = xb.shape
     features = gz.shape[-1]
-    # Padded row i' contributed through kernel row r to output row i' - r.
-    shifted = jnp.pad(gz, ((0, 0), (2, 2), (0, 0), (0, 0)))
-    dcontributions = jnp.stack([shifted[:, 2 - r:4 - r + height] for r in range(3)], axis=3).reshape(-1, 3 * features)
+    # Input row j contributed through kernel row r to output row j - r + 1.
+    shifted = jnp.pad(gz, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    dcontributions = jnp.stack([shifted[:, 2 - r:2 - r + height] for r in range(3)], axis=3).reshape(-1, 3 * features)
     dkernel = (_row_patches(xb).T @ dcontributions).reshape(3, channels, 3, features)
     dkernel = jnp.transpose(dkernel, (2, 0, 1, 3)).reshape(-1, features)
-    # Column tap s of padded pixel (i + 1, j) read input pixel (i, j + s - 1).
-    dpatches = (dcontributions @ rows_kernel.T).reshape(n, height + 2, width, 3, channels)[:, 1:height + 1]
+    if not input_gradient:
+        return None, dkernel
+    # Column tap s of pixel (i, j) read input pixel (i, j + s - 1).
+    dpatches = (dcontributions @ rows_kernel.T).reshape(n, height, width, 3, channels)
     dpatches = jnp.pad(dpatches, ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
     return functools.reduce(jnp.add, [dpatches[:, :, 2 - s:2 - s + width, s] for s in range(3)]), dkernel
 
@@ -639,29 +663,34 @@ def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: 
 
 
 def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array, stride: int,
-                      activation: str | None, rows: bool) -> tuple[jax.Array, jax.Array]:
-    """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient."""
+                      activation: str | None, rows: bool, input_gradient: bool = True) -> Any:
+    """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient;
+    without ``input_gradient``, the weights' gradient alone."""
     channels, features = x.shape[-1], weights.shape[-1]
     if rows:
         rows_kernel = _rows_matrix(weights[:-1], channels)
 
-        def rows_block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def rows_block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array | None, jax.Array]:
             gz = gb * OUTPUT_DERIVATIVES[activation](yb) if activation else gb  # the gradient before the activation
-            dx, dkernel = _rows_pullback(xb, gz, rows_kernel)
+            dx, dkernel = _rows_pullback(xb, gz, rows_kernel, input_gradient)
             return dx, jnp.concatenate([dkernel, jnp.sum(gz, axis=(0, 1, 2))[None]])
 
         # the row patches, the shifted output gradient (3 F a pixel) and the row patches' gradient (3 C)
-        return _blockwise(rows_block, (x, y, g), _row_patches_bytes(x, features + channels),
-                          total=jnp.zeros_like(weights))
+        dx, dweights = _blockwise(rows_block, (x, y, g),
+                                  _row_patches_bytes(x, features + (channels if input_gradient else 0)),
+                                  total=jnp.zeros_like(weights))
+        return (dx, dweights) if input_gradient else dweights
     out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
 
-    def block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array | None, jax.Array]:
         gz = gb.reshape(-1, features)  # the gradient before the activation
         if activation:
             gz = gz * OUTPUT_DERIVATIVES[activation](yb.reshape(-1, features))
         dweights = jnp.concatenate([_patches(_pad_same(xb, stride), stride, out_shape).T @ gz,
                                     jnp.sum(gz, axis=0, keepdims=True)])
+        if not input_gradient:
+            return None, dweights
         if stride == 2:
             return _stride2_input_gradient(gz.reshape(gb.shape), kernel, xb.shape), dweights
         if stride != 1:
@@ -669,10 +698,14 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
         # The input gradient of a stride-1 convolution: gz convolved with the flipped kernel, inputs <-> outputs.
         return (_patches(_pad_same(gz.reshape(gb.shape), 1), 1, out_shape) @ flipped).reshape(xb.shape), dweights
 
-    per_example = _patches_bytes(x, stride) + (_patches_bytes(g, 1) if stride == 1 else 0)
-    if stride == 2:  # the tap maps of the output gradient
+    per_example = _patches_bytes(x, stride)
+    if input_gradient and stride == 1:  # the patches of the output gradient
+        per_example += _patches_bytes(g, 1)
+    if input_gradient and stride == 2:  # the tap maps of the output gradient
         per_example += _transpose2x_maps_bytes(g, jnp.swapaxes(kernel, 2, 3))
     dx, dweights = _blockwise(block, (x, y, g), per_example, total=jnp.zeros_like(weights))
+    if not input_gradient:
+        return dweights
     if stride > 2:  # a wider stride's input gradient is left to XLA (dx holds gz here)
         _, pullback = jax.vjp(lambda x: _conv_by_xla(x, kernel, stride), x)
         dx, = pullback(dx)
@@ -700,7 +733,8 @@ def _conv_by_patches_vjp(stride: int, activation: str | None,
                          rows: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _custom_vjp_keeping_output(
         lambda x, weights: _conv_by_patches(x, weights, stride, activation, rows),
-        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows))
+        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows),
+        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows, input_gradient=False))
 
 
 def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: jax.Array | None = None,

@@ -361,7 +361,7 @@ def test_tap_form_gradients_under_vmap(layer):
     ((3, 28, 28, 1), 4, 1, 4 << 20, None, "auto"),     # one block
     ((4, 9, 7, 2), 7, 1, 600, "relu", "auto"),         # blocks of 1
     ((4, 9, 7, 2), 7, 1, 600, "relu", "rows"),         # the same in row patches
-    # Stride 1 with F < 3 C: row patches (forward per example (H + 2) W 3 (C + F) floats, backward 3 C more).
+    # Stride 1 with F < 3 C: row patches (forward per example H W 3 (C + F) floats, backward 3 C more).
     ((7, 14, 14, 6), 5, 1, 3000, "relu", "auto"),      # blocks of 1 (7 is prime)
     ((7, 14, 14, 6), 5, 1, 3000, "relu", "patches"),   # the same in nine-tap patches
     ((10, 14, 14, 6), 3, 1, 210_000, "tanh", "auto"),  # blocks of 5 (the largest divisor of 10 within the budget)
@@ -407,6 +407,31 @@ def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activa
     g_got = (g_got[0]["params"], g_got[1])
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # The input as data (a first layer's): the backward pass without the input gradient, plain and vmapped per
+    # example as the losses run it.
+    ours_params = {"params": params["params"]["layers_0"]}
+    per_example = lambda p: jnp.sum(jax.vmap(lambda xi: loss(ours)(p, xi[None]))(x))  # noqa: E731
+    for g in (jax.grad(loss(ours))(ours_params, x), jax.grad(per_example)(ours_params)):
+        for a, b in zip(jax.tree.leaves(g["params"]), jax.tree.leaves(g_want[0])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,form", [(1, "patches"), (1, "rows"), (2, "patches")])
+def test_patch_conv_skips_an_input_gradient_nobody_reads(stride, form):
+    """Differentiated with respect to the weights alone (the input is data), the patch form's backward pass has
+    no input-gradient matmul: fewer dot_generals than with the input's gradient asked for too."""
+    from dlvm_jax.networks import conv3x3_by_patches
+
+    x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+
+    def loss(k, x):
+        return jnp.sum(conv3x3_by_patches(x, k, stride, form=form, activation="relu") ** 2)
+
+    def dots(argnums):
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(kernel, x)).count("dot_general")
+
+    assert dots(0) < dots((0, 1))
+    np.testing.assert_allclose(jax.grad(loss)(kernel, x), jax.grad(loss, argnums=(0, 1))(kernel, x)[0], rtol=1e-6)
 
 
 def test_patch_block_size():
