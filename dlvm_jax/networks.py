@@ -587,13 +587,12 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
 
 
 # Stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64) use "row patches" by default: only the three
-# column taps are laid side by side, (pixels of the padded rows, 3 C), and one matmul by the (3 C, 3 F) kernel
-# (rows (s, c), columns (r, f)) gives, for every padded input row, what it contributes through each kernel row r;
-# output row i sums row i + r's contribution r over the three r. That moves 3 C + 3 F floats a pixel where the
-# patches move 9 C + F, for (H + 2) / H of the patches' FLOPs. The backward pass transposes the same matmul: the
-# output gradient shifted by r rows against the row patches (weight gradient) and against the kernel (the row
-# patches' gradient, whose three column taps are then summed back onto the input).
-
+# column taps are laid side by side, (pixels, 3 C), and one matmul by the (3 C, 3 F) kernel (rows (s, c), columns
+# (r, f)) gives, for every input row, what it contributes through each kernel row r; output row i sums input row
+# i + r - 1's contribution r over the three r (rows outside the image contribute nothing, so no padding rows are
+# multiplied). That moves 3 C + 3 F floats a pixel where the patches move 9 C + F, for the same FLOPs. The backward
+# pass transposes the same matmul: the output gradient shifted by r rows against the row patches (weight gradient)
+# and against the kernel (the row patches' gradient, whose three column taps are then summed back onto the input).
 
 #: The forms of :func:`conv3x3_by_patches`: "auto" takes row patches where they move less memory (stride 1 and
 #: F < 3 C), nine-tap patches elsewhere.
