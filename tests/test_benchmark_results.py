@@ -171,3 +171,19 @@ def test_interleaved_workers_take_turns(tmp_path, monkeypatch):
     assert "wall_s" in outs["torch_eager"]
     assert log.read_text().split("\n")[:-1] == ["jax 0", "torch_eager 0", "torch_eager 1", "jax 1", "jax 2",
                                                 "torch_eager 2"]
+
+
+def test_ab_commits_checks_its_arguments_and_where_the_library_came_from(tmp_path, capsys, monkeypatch):
+    """``benchmarks.ab_commits`` needs a commit that exists, and its child refuses a library imported from
+    anywhere but the tree it was given (an editable install shadowing the baseline would make the A/B a lie)."""
+    from benchmarks import ab_commits
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the child puts the trees first; undone after the test
+    for argv, says in [([], "--baseline REV is required"), (["--baseline", "no-such-revision-xyz"], "no commit"),
+                       (["--baseline", "HEAD", "--rounds", "0"], "at least 1")]:
+        with pytest.raises(SystemExit):
+            ab_commits.main(argv)
+        assert says in capsys.readouterr().err
+    (tmp_path / "dlvm_jax").mkdir()  # an empty folder: dlvm_jax is already imported from this checkout
+    with pytest.raises(RuntimeError, match="not from"):
+        ab_commits.child(str(tmp_path), {})
