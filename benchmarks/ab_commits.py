@@ -21,13 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BATCH = {"mlp_vae": 100, "conv_vae": 100, "gmvae": 200}
+from benchmarks.__main__ import BATCH, ROOT, prepare_data
 
 
 def child(tree: str, task: dict) -> dict:
     """One process: the benchmark's JAX train step with ``dlvm_jax`` imported from ``tree``."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks import worker  # this tree's measuring code, imported before the library's path changes
 
     sys.path.insert(0, tree)
@@ -60,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.repeats < 1 or args.microbatch < 0:
         p.error("--rounds and --repeats must be at least 1 and --microbatch at least 0")
     sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]  # see benchmarks.worker._no_tensorflow
-    from benchmarks.__main__ import prepare_data
     from benchmarks.common import write_result
 
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{args.baseline}^{{commit}}"], cwd=ROOT,
@@ -82,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for r in range(args.rounds):
                 for name, src in (("baseline", tree), ("this tree", ROOT)):
-                    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(src),
-                                          json.dumps(task)], cwd=tmp, capture_output=True, text=True)
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.ab_commits", "--child", str(src),
+                                          json.dumps(task)], cwd=ROOT, capture_output=True, text=True)
                     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                     if out.returncode or not lines:
                         print(out.stderr[-3000:], file=sys.stderr)

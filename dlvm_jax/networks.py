@@ -328,16 +328,19 @@ def _fold_vmapped_axes(summed: Sequence[bool]) -> Callable[[Callable], Callable]
 _pullback_folded = _fold_vmapped_axes(summed=(False, True))
 
 
-def _custom_vjp_keeping_output(forward: Callable, pullback: Callable, weights_pullback: Callable | None = None
+def _custom_vjp_keeping_output(forward: Callable, pullback: Callable, *, skips_input_gradient: bool = False
                                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x, weights)`` with the custom VJP ``pullback(x, weights, y, g) -> (dx, dweights)``, which gets the output
-    ``y`` as a residual (an activation's derivative from its output); both folded over vmapped axes. Where ``x``
-    takes no part in the differentiation (a first layer's input data) and ``weights_pullback(x, weights, y, g) ->
-    dweights`` is given, that runs instead: no work, and no room in the blocks, for an input gradient nobody reads."""
+    ``y`` as a residual (an activation's derivative from its output); folded over vmapped axes, as is the forward
+    pass. With ``skips_input_gradient``, ``pullback`` also takes ``input_gradient=False``, and gets it where ``x``
+    takes no part in the differentiation (a first layer's input data): it then returns (None, dweights), with no
+    work, and no room in its blocks, for an input gradient nobody reads."""
     folded_forward = _fold_vmapped_axes(summed=(False,))(lambda x, weights: (forward(x, weights),))
-    folded_pullback = _fold_vmapped_axes(summed=(False, True))(pullback)
-    folded_weights = None if weights_pullback is None else _fold_vmapped_axes(summed=(True,))(
-        lambda x, weights, y, g: (weights_pullback(x, weights, y, g),))
+    # (lambdas of the four arrays alone: custom_vmap would trace a keyword's default as an array)
+    folded_pullback = _fold_vmapped_axes(summed=(False, True))(lambda x, weights, y, g: pullback(x, weights, y, g))
+    folded_weights_only = _fold_vmapped_axes(summed=(True,))(
+        lambda x, weights, y, g: (pullback(x, weights, y, g, input_gradient=False)[1],)
+    ) if skips_input_gradient else None
 
     @jax.custom_vjp
     def f(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -347,16 +350,14 @@ def _custom_vjp_keeping_output(forward: Callable, pullback: Callable, weights_pu
         y = folded_forward(x.value, weights.value)[0]
         residuals = (x.value, weights.value, y)
         # The structure of the residuals (static) tells the backward pass whether x needs its gradient.
-        return y, (residuals if x.perturbed or folded_weights is None else {"weights_only": residuals})
+        return y, (residuals if x.perturbed or not skips_input_gradient else {"weights_only": residuals})
 
     def f_bwd(residuals, g):
-        weights_only = isinstance(residuals, dict)
-        x, weights, y = residuals["weights_only"] if weights_only else residuals
-        if isinstance(g, jax.custom_derivatives.SymbolicZero):
-            g = jnp.zeros(g.shape, g.dtype)
-        if weights_only:
-            return None, folded_weights(x, weights, y, g)[0]
-        return folded_pullback(x, weights, y, g)
+        if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output takes no part: zero cotangents
+            return None, None
+        if isinstance(residuals, dict):
+            return None, folded_weights_only(*residuals["weights_only"], g)[0]
+        return folded_pullback(*residuals, g)
 
     f.defvjp(f_fwd, f_bwd, symbolic_zeros=True)
     return f
@@ -662,9 +663,10 @@ def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: 
 
 
 def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array, stride: int,
-                      activation: str | None, rows: bool, input_gradient: bool = True) -> Any:
-    """Gradients with respect to ``x`` and the (9 C + 1, F) ``weights``, given the output ``y`` and its gradient;
-    without ``input_gradient``, the weights' gradient alone."""
+                      activation: str | None, rows: bool, input_gradient: bool = True
+                      ) -> tuple[jax.Array | None, jax.Array]:
+    """Gradients with respect to ``x`` (None without ``input_gradient``) and the (9 C + 1, F) ``weights``, given the
+    output ``y`` and its gradient."""
     channels, features = x.shape[-1], weights.shape[-1]
     if rows:
         rows_kernel = _rows_matrix(weights[:-1], channels)
@@ -675,10 +677,8 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
             return dx, jnp.concatenate([dkernel, jnp.sum(gz, axis=(0, 1, 2))[None]])
 
         # the row patches, the shifted output gradient (3 F a pixel) and the row patches' gradient (3 C)
-        dx, dweights = _blockwise(rows_block, (x, y, g),
-                                  _row_patches_bytes(x, features + (channels if input_gradient else 0)),
-                                  total=jnp.zeros_like(weights))
-        return (dx, dweights) if input_gradient else dweights
+        return _blockwise(rows_block, (x, y, g), _row_patches_bytes(x, features + (channels if input_gradient else 0)),
+                          total=jnp.zeros_like(weights))
     out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
 
@@ -703,9 +703,7 @@ def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Arr
     if input_gradient and stride == 2:  # the tap maps of the output gradient
         per_example += _transpose2x_maps_bytes(g, jnp.swapaxes(kernel, 2, 3))
     dx, dweights = _blockwise(block, (x, y, g), per_example, total=jnp.zeros_like(weights))
-    if not input_gradient:
-        return dweights
-    if stride > 2:  # a wider stride's input gradient is left to XLA (dx holds gz here)
+    if input_gradient and stride > 2:  # a wider stride's input gradient is left to XLA (dx holds gz here)
         _, pullback = jax.vjp(lambda x: _conv_by_xla(x, kernel, stride), x)
         dx, = pullback(dx)
     return dx, dweights
@@ -732,8 +730,9 @@ def _conv_by_patches_vjp(stride: int, activation: str | None,
                          rows: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _custom_vjp_keeping_output(
         lambda x, weights: _conv_by_patches(x, weights, stride, activation, rows),
-        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows),
-        lambda x, weights, y, g: _patches_pullback(x, weights, y, g, stride, activation, rows, input_gradient=False))
+        lambda x, weights, y, g, input_gradient=True: _patches_pullback(x, weights, y, g, stride, activation, rows,
+                                                                         input_gradient),
+        skips_input_gradient=True)
 
 
 def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: jax.Array | None = None,
