@@ -7,7 +7,7 @@ forward pass, and the gradient of sum(output^2) with respect to the weights and 
 input. The decoder's two layers run in both of the library's formulations: XLA's convolutions differentiated by
 XLA (``ConvDecoder(convs="xla")``) and the tap-map forms (``TapConv``, ``transpose2x``'s backward, the default).
 The encoder's layers run as XLA's convolutions and in patch form (``PatchConv``, the default; the 64 -> 64 layer
-both in nine-tap patches and in row patches, its default). The last rows time
+in nine-tap patches, in row patches and in the 1-D Winograd form, its default). The last rows time
 the whole decoder the way the ELBO/IWAE loss runs it, vmapped over examples with ``--decoder-rows`` / 100 latent
 samples each (the M=10 train step), and the whole encoder vmapped over the batch (gradient with respect to the
 weights only, as in training), in both formulations. Best of 5, milliseconds.
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
         ("conv 64->64, 14x14 (nine-tap patches)", PatchConv(64, form="patches"), (b, 14, 14, 64),
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
-        ("conv 64->64, 14x14 (row patches)", PatchConv(64), (b, 14, 14, 64),
+        ("conv 64->64, 14x14 (row patches)", PatchConv(64, form="rows"), (b, 14, 14, 64),
+         torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
+        ("conv 64->64, 14x14 (1-D Winograd)", PatchConv(64), (b, 14, 14, 64),
          torch.nn.Conv2d(64, 64, 3, padding=1), (b, 64, 14, 14), True),
         ("transposed conv 64->32, stride 2 (XLA)", ConvTranspose2x(32, taps=False), (b, 14, 14, 64),
          torch.nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (b, 64, 14, 14), True),

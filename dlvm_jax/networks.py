@@ -182,12 +182,12 @@ class ConvEncoder(nn.Module):
     """Convolutional encoder for 28x28x1 images: conv 32 -> 64 (stride 2) -> 64 -> 64, dense ``hidden``, then a
     linear layer of width ``out`` (the binarized-MNIST VAE of the seeds, output 14x14 after the strided conv).
 
-    ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`;
-    row patches for the 64 -> 64 layers), measured faster on XLA's CPU backend (2 cores, batch 100, vmapped per
-    example as the losses run it: 63 ms forward+backward against 118 ms, ``python -m benchmarks.profile_conv``),
-    with the bias and a relu or tanh activation applied inside its blocks; ``convs="xla"`` leaves them to XLA's
-    convolutions and their autodiff (e.g. on a GPU, or for second derivatives and forward mode: the patch form
-    defines reverse-mode derivatives only).
+    ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`; the
+    1-D Winograd form of row patches for the 64 -> 64 layers), measured faster on XLA's CPU backend (2 cores, batch
+    100, vmapped per example as the losses run it: 63 ms forward+backward against 118 ms, ``python -m
+    benchmarks.profile_conv``), with the bias and a relu or tanh activation applied inside its blocks;
+    ``convs="xla"`` leaves them to XLA's convolutions and their autodiff (e.g. on a GPU, or for second derivatives
+    and forward mode: the patch form defines reverse-mode derivatives only).
     The parameters (``nn.Conv``'s, named Conv_0 to Conv_3) and the function are the same either way."""
 
     out: int
@@ -587,17 +587,18 @@ def _patches_bytes(x: jax.Array, stride: int) -> int:
     return oh * ow * 9 * x.shape[-1] * x.dtype.itemsize
 
 
-# Stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64) use "row patches" by default: only the three
-# column taps are laid side by side, (pixels, 3 C), and one matmul by the (3 C, 3 F) kernel (rows (s, c), columns
-# (r, f)) gives, for every input row, what it contributes through each kernel row r; output row i sums input row
-# i + r - 1's contribution r over the three r (rows outside the image contribute nothing, so no padding rows are
-# multiplied). That moves 3 C + 3 F floats a pixel where the patches move 9 C + F, for the same FLOPs. The backward
-# pass transposes the same matmul: the output gradient shifted by r rows against the row patches (weight gradient)
-# and against the kernel (the row patches' gradient, whose three column taps are then summed back onto the input).
+# "Row patches" for stride-1 layers with F < 3 C output channels (the encoder's 64 -> 64; their default is the 1-D
+# Winograd form of the same products, further below): only the three column taps are laid side by side, (pixels, 3
+# C), and one matmul by the (3 C, 3 F) kernel (rows (s, c), columns (r, f)) gives, for every input row, what it
+# contributes through each kernel row r; output row i sums input row i + r - 1's contribution r over the three r
+# (rows outside the image contribute nothing, so no padding rows are multiplied). That moves 3 C + 3 F floats a pixel
+# where the patches move 9 C + F, for the same FLOPs. The backward pass transposes the same matmul: the output
+# gradient shifted by r rows against the row patches (weight gradient) and against the kernel (the row patches'
+# gradient, whose three column taps are then summed back onto the input).
 
-#: The forms of :func:`conv3x3_by_patches`: "auto" takes row patches where they move less memory (stride 1 and
-#: F < 3 C), nine-tap patches elsewhere.
-PATCH_FORMS = ("auto", "patches", "rows")
+#: The forms of :func:`conv3x3_by_patches`: "auto" takes the 1-D Winograd form where row patches would move less
+#: memory than nine-tap patches (stride 1 and F < 3 C), nine-tap patches elsewhere.
+PATCH_FORMS = ("auto", "patches", "rows", "winograd")
 
 
 def _rows_matrix(weights: jax.Array, channels: int) -> jax.Array:
@@ -648,12 +649,93 @@ def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array, input_g
     return functools.reduce(jnp.add, [dpatches[:, :, 2 - s:2 - s + width, s] for s in range(3)]), dkernel
 
 
-def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None, rows: bool) -> jax.Array:
-    """``weights``: the (9 C, F) kernel with the bias as an extra last row. Blocks of examples are padded inside
-    the loop, where they are small."""
+# The 1-D Winograd form F(2, 3) (Lavin and Gray, 2016) of the row-patch convolution, for the same layers. Along the
+# width, each pair of output columns of a row's three-tap product, y[2t] = d[2t] k0 + d[2t+1] k1 + d[2t+2] k2 and
+# y[2t+1] = d[2t+1] k0 + d[2t+2] k1 + d[2t+3] k2 (d the row padded by one column each side, k_s the (C, 3 F) kernel
+# columns of tap s for the three kernel rows r), needs 4 matmuls instead of 6:
+#   m0 = (d0 - d2) k0,  m1 = (d1 + d2)(k0 + k1 + k2)/2,  m2 = (d2 - d1)(k0 - k1 + k2)/2,  m3 = (d1 - d3) k2,
+#   y[2t] = m0 + m1 + m2,  y[2t+1] = m1 - m2 - m3.
+# Two thirds of the row form's FLOPs in all three matmuls (forward, weight and input gradients), on inputs of 2 C
+# floats a pixel (4 transformed inputs per pair of columns) against the row patches' 3 C. The coefficients (0, 1,
+# 1/2) are exact in binary: the results differ from the direct form by float rounding order only. The rows then
+# sum as in the row form. Odd widths get a zero column on the right.
+
+def _winograd_matrix(kernel: jax.Array) -> jax.Array:
+    """(3, 3, C, F) kernel -> (4, C, 3 F): the transformed kernel G k along the column taps s (G's rows (1, 0, 0),
+    (1, 1, 1)/2, (1, -1, 1)/2, (0, 0, 1)), columns (r, f)."""
+    k0, k1, k2 = kernel[:, 0], kernel[:, 1], kernel[:, 2]  # (r, C, F) each
+    u = jnp.stack([k0, (k0 + k1 + k2) / 2, (k0 - k1 + k2) / 2, k2])  # (4, r, C, F)
+    return jnp.transpose(u, (0, 2, 1, 3)).reshape(4, kernel.shape[2], -1)
+
+
+def _winograd_kernel_gradient(du: jax.Array, channels: int) -> jax.Array:
+    """The adjoint of :func:`_winograd_matrix`: (4, C, 3 F) -> the (9 C, F) kernel gradient, rows (r, s, c)."""
+    du = jnp.transpose(du.reshape(4, channels, 3, -1), (0, 2, 1, 3))  # (4, r, C, F)
+    half = (du[1] + du[2]) / 2
+    dk = jnp.stack([du[0] + half, (du[1] - du[2]) / 2, half + du[3]], axis=1)  # (r, s, C, F)
+    return dk.reshape(-1, dk.shape[-1])
+
+
+def _winograd_inputs(x: jax.Array) -> jax.Array:
+    """(n, H, W, C) -> (4, n H ceil(W / 2), C): the transformed inputs B^T d of every pair of output columns."""
+    width, pairs = x.shape[2], -(-x.shape[2] // 2)
+    padded = jnp.pad(x, ((0, 0), (0, 0), (1, 2 * pairs + 1 - width), (0, 0)))
+    d0, d1, d2, d3 = (padded[:, :, s:s + 2 * pairs - 1:2] for s in range(4))
+    return jnp.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3]).reshape(4, -1, x.shape[-1])
+
+
+def _winograd_bytes(x: jax.Array, features: int) -> int:
+    """Bytes per example of the transformed inputs (4 C floats a pair of columns) and their products (4 x 3 F)."""
+    return x.shape[1] * -(-x.shape[2] // 2) * 4 * (x.shape[-1] + 3 * features) * x.dtype.itemsize
+
+
+def _conv_by_winograd(x: jax.Array, matrix: jax.Array) -> jax.Array:
+    n, height, width, _ = x.shape
+    pairs = -(-width // 2)
+    m = jnp.einsum("xpc,xcg->xpg", _winograd_inputs(x), matrix).reshape(4, n, height, pairs, 3, -1)
+    even, odd = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # (n, H, pairs, r, F)
+    contributions = jnp.stack([even, odd], axis=3).reshape(n, height, 2 * pairs, 3, -1)[:, :, :width]
+    above = jnp.pad(contributions[:, :height - 1, :, 0], ((0, 0), (1, 0), (0, 0), (0, 0)))
+    below = jnp.pad(contributions[:, 1:, :, 2], ((0, 0), (0, 1), (0, 0), (0, 0)))
+    return above + contributions[:, :, :, 1] + below
+
+
+def _winograd_pullback(xb: jax.Array, gz: jax.Array, matrix: jax.Array, input_gradient: bool = True
+                       ) -> tuple[jax.Array | None, jax.Array]:
+    """The input gradient (None without ``input_gradient``) and the (9 C, F) kernel gradient of
+    :func:`_conv_by_winograd`, given the output gradient: the same three matmuls transposed."""
+    n, height, width, channels = xb.shape
+    features, pairs = gz.shape[-1], -(-width // 2)
+    # Input row j contributed through kernel row r to output row j - r + 1 (as in _rows_pullback), then the
+    # adjoint of the output transform: dm = (de, de + do, de - do, -do) from the even and odd columns' gradients.
+    shifted = jnp.pad(gz, ((0, 0), (1, 1), (0, 2 * pairs - width), (0, 0)))
+    dcontributions = jnp.stack([shifted[:, 2 - r:2 - r + height] for r in range(3)], axis=3)  # (n, H, 2 pairs, 3, F)
+    de = dcontributions[:, :, 0::2].reshape(-1, 3 * features)
+    do = dcontributions[:, :, 1::2].reshape(-1, 3 * features)
+    dm = jnp.stack([de, de + do, de - do, -do])
+    dkernel = _winograd_kernel_gradient(jnp.einsum("xpc,xpg->xcg", _winograd_inputs(xb), dm), channels)
+    if not input_gradient:
+        return None, dkernel
+    dv = jnp.einsum("xpg,xcg->xpc", dm, matrix).reshape(4, n, height, pairs, channels)
+    # The adjoint of the input transform: column 2t + s of the padded row received dd_s of pair t.
+    dd0, dd1, dd2, dd3 = dv[0], dv[1] - dv[2] + dv[3], dv[1] + dv[2] - dv[0], -dv[3]
+    right, left = ((0, 0), (0, 0), (0, 1), (0, 0)), ((0, 0), (0, 0), (1, 0), (0, 0))
+    even = jnp.pad(dd0, right) + jnp.pad(dd2, left)  # padded columns 0, 2, ..., 2 pairs
+    odd = jnp.pad(dd1, right) + jnp.pad(dd3, left)  # padded columns 1, 3, ..., 2 pairs + 1
+    dpadded = jnp.stack([even, odd], axis=3).reshape(n, height, 2 * pairs + 2, channels)
+    return dpadded[:, :, 1:width + 1], dkernel
+
+
+def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: str | None, form: str) -> jax.Array:
+    """``weights``: the (9 C, F) kernel with the bias as an extra last row; ``form`` "patches", "rows" or
+    "winograd". Blocks of examples are padded inside the loop, where they are small."""
     out_shape, kernel, bias = _out_shape(x, stride), weights[:-1], weights[-1]
     act = ACTIVATIONS[activation] if activation else (lambda v: v)
-    if rows:
+    if form == "winograd":
+        matrix = _winograd_matrix(kernel.reshape(3, 3, x.shape[-1], -1))
+        return _blockwise(lambda b: act(_conv_by_winograd(b, matrix) + bias), (x,),
+                          _winograd_bytes(x, kernel.shape[-1]))
+    if form == "rows":
         rows_kernel = _rows_matrix(kernel, x.shape[-1])
         return _blockwise(lambda b: act(_conv_by_rows(b, rows_kernel) + bias), (x,),
                           _row_patches_bytes(x, kernel.shape[-1]))
@@ -663,22 +745,26 @@ def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: 
 
 
 def _patches_pullback(x: jax.Array, weights: jax.Array, y: jax.Array, g: jax.Array, stride: int,
-                      activation: str | None, rows: bool, input_gradient: bool = True
+                      activation: str | None, form: str, input_gradient: bool = True
                       ) -> tuple[jax.Array | None, jax.Array]:
     """Gradients with respect to ``x`` (None without ``input_gradient``) and the (9 C + 1, F) ``weights``, given the
     output ``y`` and its gradient."""
     channels, features = x.shape[-1], weights.shape[-1]
-    if rows:
-        rows_kernel = _rows_matrix(weights[:-1], channels)
+    if form in ("rows", "winograd"):
+        if form == "rows":
+            matrix, pullback = _rows_matrix(weights[:-1], channels), _rows_pullback
+            # the row patches, the shifted output gradient (3 F a pixel) and the row patches' gradient (3 C)
+            per_example = _row_patches_bytes(x, features + (channels if input_gradient else 0))
+        else:
+            matrix, pullback = _winograd_matrix(weights[:-1].reshape(3, 3, channels, features)), _winograd_pullback
+            per_example = _winograd_bytes(x, features)  # the transformed inputs (or their gradient) and dm
 
         def rows_block(xb: jax.Array, yb: jax.Array, gb: jax.Array) -> tuple[jax.Array | None, jax.Array]:
             gz = gb * OUTPUT_DERIVATIVES[activation](yb) if activation else gb  # the gradient before the activation
-            dx, dkernel = _rows_pullback(xb, gz, rows_kernel, input_gradient)
+            dx, dkernel = pullback(xb, gz, matrix, input_gradient)
             return dx, jnp.concatenate([dkernel, jnp.sum(gz, axis=(0, 1, 2))[None]])
 
-        # the row patches, the shifted output gradient (3 F a pixel) and the row patches' gradient (3 C)
-        return _blockwise(rows_block, (x, y, g), _row_patches_bytes(x, features + (channels if input_gradient else 0)),
-                          total=jnp.zeros_like(weights))
+        return _blockwise(rows_block, (x, y, g), per_example, total=jnp.zeros_like(weights))
     out_shape, kernel = _out_shape(x, stride), weights[:-1].reshape(3, 3, channels, features)
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).reshape(-1, channels)
 
@@ -727,10 +813,10 @@ def _conv_by_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 @functools.cache
 def _conv_by_patches_vjp(stride: int, activation: str | None,
-                         rows: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                         form: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _custom_vjp_keeping_output(
-        lambda x, weights: _conv_by_patches(x, weights, stride, activation, rows),
-        lambda x, weights, y, g, input_gradient=True: _patches_pullback(x, weights, y, g, stride, activation, rows,
+        lambda x, weights: _conv_by_patches(x, weights, stride, activation, form),
+        lambda x, weights, y, g, input_gradient=True: _patches_pullback(x, weights, y, g, stride, activation, form,
                                                                          input_gradient),
         skips_input_gradient=True)
 
@@ -743,12 +829,15 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     :data:`OUTPUT_DERIVATIVES`) applied in the same blocks. The weight gradient is the transposed product and, at
     stride 1, the input gradient the same convolution of the output gradient with the flipped kernel, at stride 2
     the tap-map transposed convolution of the output gradient (:func:`_stride2_input_gradient`); at wider strides
-    it is XLA's. ``form="rows"`` (stride 1 only; what ``"auto"`` takes at stride 1 with fewer than 3 C output
-    channels) multiplies row patches instead, the three column taps, (pixels, 3 C) @ (3 C, 3 F), and sums three
-    shifted row slices of the products; its gradients are the transposed matmuls. That moves 3 C + 3 F floats a
-    pixel against the patches' 9 C + F: measured on the conv VAE's 64 -> 64 layers, ``python -m
-    benchmarks.profile_conv``. ``form="patches"`` always takes the nine-tap patches.
-    Reverse-mode derivatives only (a custom VJP)."""
+    it is XLA's. ``form="rows"`` (stride 1 only) multiplies row patches instead, the three column taps,
+    (pixels, 3 C) @ (3 C, 3 F), and sums three shifted row slices of the products; its gradients are the transposed
+    matmuls. That moves 3 C + 3 F floats a pixel against the patches' 9 C + F. ``form="winograd"`` (stride 1 only;
+    what ``"auto"`` takes at stride 1 with fewer than 3 C output channels) computes the row form's three-tap
+    products along the width by 1-D Winograd F(2, 3): four (C, 3 F) matmuls per pair of output columns instead of
+    six, two thirds of the FLOPs forward and backward, on transformed inputs of 2 C floats a pixel. Measured on the
+    conv VAE's 64 -> 64 layers (batch 100, 2 cores), forward + backward 20.5 ms against 30.8 in row patches and
+    33.8 in nine-tap patches (``python -m benchmarks.profile_conv``). ``form="patches"`` always takes the nine-tap
+    patches. Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
                          f"{x.shape} and {kernel.shape}")
@@ -759,17 +848,18 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
         raise ValueError(f"conv3x3_by_patches expects a bias of shape {(features,)}, got {bias.shape}")
     if form not in PATCH_FORMS:
         raise ValueError(f"conv3x3_by_patches form must be one of {PATCH_FORMS}, got {form!r}")
-    if form == "rows" and stride != 1:
-        raise ValueError(f"conv3x3_by_patches form='rows' needs stride 1, got stride {stride}")
-    rows = form == "rows" or (form == "auto" and stride == 1 and features < 3 * x.shape[-1])
+    if form in ("rows", "winograd") and stride != 1:
+        raise ValueError(f"conv3x3_by_patches form={form!r} needs stride 1, got stride {stride}")
+    if form == "auto":
+        form = "winograd" if stride == 1 and features < 3 * x.shape[-1] else "patches"
     weights = jnp.concatenate([kernel.reshape(-1, features), bias[None]])
-    return _conv_by_patches_vjp(int(stride), activation, rows)(x, weights)
+    return _conv_by_patches_vjp(int(stride), activation, form)(x, weights)
 
 
 class PatchConv(nn.Module):
     """``nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME")`` (same parameters, names and
     initialisation), followed by ``activation`` if one is given (one of :data:`OUTPUT_DERIVATIVES`), computed by
-    :func:`conv3x3_by_patches` in ``form`` ("auto", "patches" or "rows")."""
+    :func:`conv3x3_by_patches` in ``form`` ("auto", "patches", "rows" or "winograd")."""
 
     features: int
     stride: int = 1

@@ -304,10 +304,10 @@ def test_few_inputs_dense_equals_matmul(num_inputs):
 
 @pytest.mark.parametrize("layer", ["tap_conv", "transpose2x", "transpose2x_relu", "patch_conv",
                                    "patch_conv_stride2", "patch_conv_relu", "patch_conv_nine_taps_relu",
-                                   "patch_conv_stride2_tanh"])
+                                   "patch_conv_rows_relu", "patch_conv_stride2_tanh"])
 def test_tap_form_gradients_under_vmap(layer):
-    """The tap-form and patch-form convolutions (stride 1 with these 4 -> 2 channels: row patches unless the nine
-    taps are asked for) fold vmapped axes into the example axis (custom vmap rules):
+    """The tap-form and patch-form convolutions (stride 1 with these 4 -> 2 channels: the 1-D Winograd form unless
+    the nine taps or the row patches are asked for) fold vmapped axes into the example axis (custom vmap rules):
     outputs and gradients through one and two levels of vmap, and with a vmapped kernel (the rules' fallback),
     equal the unbatched ones computed by flax's own layers."""
     import flax.linen as nn
@@ -319,10 +319,12 @@ def test_tap_form_gradients_under_vmap(layer):
             "patch_conv_stride2": lambda x, k: conv3x3_by_patches(x, k, 2),
             "patch_conv_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu"),
             "patch_conv_nine_taps_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu", "patches"),
+            "patch_conv_rows_relu": lambda x, k: conv3x3_by_patches(x, k, 1, k[0, 0, 0], "relu", "rows"),
             "patch_conv_stride2_tanh": lambda x, k: conv3x3_by_patches(x, k, 2, k[0, 0, 0], "tanh")}[layer]
     # (the fused forms with a bias taken from the kernel, and their activation)
     after = {"patch_conv_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "patch_conv_nine_taps_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
+             "patch_conv_rows_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "transpose2x_relu": lambda y, k: nn.relu(y + k[0, 0, 0]),
              "patch_conv_stride2_tanh": lambda y, k: jnp.tanh(y + k[0, 0, 0])}.get(layer, lambda y, k: y)
     features = 3 if layer.startswith("transpose2x") else 2
@@ -361,12 +363,15 @@ def test_tap_form_gradients_under_vmap(layer):
     ((3, 28, 28, 1), 4, 1, 4 << 20, None, "auto"),     # one block
     ((4, 9, 7, 2), 7, 1, 600, "relu", "auto"),         # blocks of 1
     ((4, 9, 7, 2), 7, 1, 600, "relu", "rows"),         # the same in row patches
-    # Stride 1 with F < 3 C: row patches (forward per example H W 3 (C + F) floats, backward 3 C more).
+    # Stride 1 with F < 3 C: the 1-D Winograd form (per example H ceil(W / 2) 4 (C + 3 F) floats).
     ((7, 14, 14, 6), 5, 1, 3000, "relu", "auto"),      # blocks of 1 (7 is prime)
     ((7, 14, 14, 6), 5, 1, 3000, "relu", "patches"),   # the same in nine-tap patches
-    ((10, 14, 14, 6), 3, 1, 210_000, "tanh", "auto"),  # blocks of 5 (the largest divisor of 10 within the budget)
-    ((7, 12, 10, 4), 3, 1, 40_000, None, "auto"),      # forward: blocks of 3, the last one zero-padded; backward: 1
-    ((7, 12, 10, 4), 3, 1, 40_000, "relu", "auto"),
+    ((7, 14, 14, 6), 5, 1, 3000, "relu", "rows"),      # the same in row patches
+    ((10, 14, 14, 6), 3, 1, 180_000, "tanh", "auto"),  # blocks of 5 (the largest divisor of 10 within the budget)
+    ((7, 12, 9, 4), 3, 1, 40_000, None, "auto"),       # odd width; blocks of 3, the last one zero-padded
+    ((7, 12, 9, 4), 3, 1, 40_000, "relu", "winograd"),
+    ((7, 12, 10, 4), 3, 1, 40_000, "relu", "rows"),    # forward: blocks of 3, the last one zero-padded; backward: 1
+    ((3, 5, 1, 4), 3, 1, 4 << 20, "relu", "winograd"),  # one column
     # Stride 2: nine-tap patches.
     ((5, 28, 28, 3), 4, 2, 20000, None, "auto"),       # 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
     ((4, 9, 7, 2), 3, 2, 600, "relu", "auto"),         # odd sizes -> 5 x 4, blocks of 2
@@ -416,7 +421,7 @@ def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activa
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("stride,form", [(1, "patches"), (1, "rows"), (2, "patches")])
+@pytest.mark.parametrize("stride,form", [(1, "patches"), (1, "rows"), (1, "winograd"), (2, "patches")])
 def test_patch_conv_skips_an_input_gradient_nobody_reads(stride, form):
     """Differentiated with respect to the weights alone (the input is data), the patch form's backward pass has
     no input-gradient matmul: fewer dot_generals than with the input's gradient asked for too."""
@@ -455,6 +460,8 @@ def test_patch_block_size():
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), form="im2col")
     with pytest.raises(ValueError, match="needs stride 1"):
         conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 2, form="rows")
+    with pytest.raises(ValueError, match="form='winograd' needs stride 1"):
+        conv3x3_by_patches(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 2, form="winograd")
     from dlvm_jax.networks import transpose2x
 
     with pytest.raises(ValueError, match="transpose2x expects"):
