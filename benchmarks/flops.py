@@ -1,7 +1,11 @@
 """Floating-point operations of the benchmarked models, counted from their layer shapes (pure Python).
 
 Only the multiply-adds of dense and convolution layers are counted (2 FLOPs each): activations, likelihoods, KLs
-and the optimizer are left out, so achieved FLOP/s computed from these counts is a lower bound on the work done.
+and the optimizer are left out. Convolutions are counted as direct convolutions (every output pixel times the whole
+kernel), in every framework alike, whatever algorithm runs them: dlvm_jax computes the conv VAE encoder's two
+64 -> 64 layers in 1-D Winograd form (dlvm_jax.networks.conv3x3_by_patches), whose matmuls do two thirds of those
+multiply-adds (the conv VAE's train step at M=1: 10.5 of the 13.4 GFLOP counted), so its FLOP/s from these counts
+are effective rates, the direct convolution's work per second, and can exceed the arithmetic actually done.
 A training step counts the forward pass and both backward products of every layer (gradient with respect to the
 weights, and to the layer's input), except the input gradient of the encoder's first layer (its input is data).
 """

@@ -184,8 +184,8 @@ class ConvEncoder(nn.Module):
 
     ``convs="patches"`` (default) computes the convolutions as blocked matmuls onto patches (:class:`PatchConv`; the
     1-D Winograd form of row patches for the 64 -> 64 layers), measured faster on XLA's CPU backend (2 cores, batch
-    100, vmapped per example as the losses run it: 63 ms forward+backward against 118 ms, ``python -m
-    benchmarks.profile_conv``), with the bias and a relu or tanh activation applied inside its blocks;
+    100, vmapped per example as the losses run it: 90.8 ms forward+backward against 140.6 ms, ``python -m
+    benchmarks.profile_conv``, 2026-12-06), with the bias and a relu or tanh activation applied inside its blocks;
     ``convs="xla"`` leaves them to XLA's convolutions and their autodiff (e.g. on a GPU, or for second derivatives
     and forward mode: the patch form defines reverse-mode derivatives only).
     The parameters (``nn.Conv``'s, named Conv_0 to Conv_3) and the function are the same either way."""
@@ -835,9 +835,9 @@ def conv3x3_by_patches(x: jax.Array, kernel: jax.Array, stride: int = 1, bias: j
     what ``"auto"`` takes at stride 1 with fewer than 3 C output channels) computes the row form's three-tap
     products along the width by 1-D Winograd F(2, 3): four (C, 3 F) matmuls per pair of output columns instead of
     six, two thirds of the FLOPs forward and backward, on transformed inputs of 2 C floats a pixel. Measured on the
-    conv VAE's 64 -> 64 layers (batch 100, 2 cores), forward + backward 20.5 ms against 30.8 in row patches and
-    33.8 in nine-tap patches (``python -m benchmarks.profile_conv``). ``form="patches"`` always takes the nine-tap
-    patches. Reverse-mode derivatives only (a custom VJP)."""
+    conv VAE's 64 -> 64 layers (batch 100, 2 cores), forward + backward 22.0 ms against 28.4 in row patches and
+    35.1 in nine-tap patches (``python -m benchmarks.profile_conv``, 2026-12-06). ``form="patches"`` always takes
+    the nine-tap patches. Reverse-mode derivatives only (a custom VJP)."""
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"conv3x3_by_patches expects (n, H, W, C) inputs and a (3, 3, C, F) kernel, got "
                          f"{x.shape} and {kernel.shape}")
