@@ -621,13 +621,18 @@ def _row_patches_bytes(x: jax.Array, features: int) -> int:
     return x.shape[1] * x.shape[2] * 3 * (x.shape[-1] + features) * x.dtype.itemsize
 
 
-def _conv_by_rows(x: jax.Array, rows_kernel: jax.Array) -> jax.Array:
-    n, height, width, _ = x.shape
-    contributions = (_row_patches(x) @ rows_kernel).reshape(n, height, width, 3, -1)
-    # Output row i reads input row i + r - 1 through kernel row r; rows outside the image contribute zeros.
+def _sum_kernel_rows(contributions: jax.Array) -> jax.Array:
+    """(n, H, W, 3, F) contributions of every input row through each kernel row r -> the (n, H, W, F) output:
+    output row i reads input row i + r - 1 through kernel row r; rows outside the image contribute zeros."""
+    height = contributions.shape[1]
     above = jnp.pad(contributions[:, :height - 1, :, 0], ((0, 0), (1, 0), (0, 0), (0, 0)))
     below = jnp.pad(contributions[:, 1:, :, 2], ((0, 0), (0, 1), (0, 0), (0, 0)))
     return above + contributions[:, :, :, 1] + below
+
+
+def _conv_by_rows(x: jax.Array, rows_kernel: jax.Array) -> jax.Array:
+    n, height, width, _ = x.shape
+    return _sum_kernel_rows((_row_patches(x) @ rows_kernel).reshape(n, height, width, 3, -1))
 
 
 def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array, input_gradient: bool = True
@@ -694,10 +699,7 @@ def _conv_by_winograd(x: jax.Array, matrix: jax.Array) -> jax.Array:
     pairs = -(-width // 2)
     m = jnp.einsum("xpc,xcg->xpg", _winograd_inputs(x), matrix).reshape(4, n, height, pairs, 3, -1)
     even, odd = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # (n, H, pairs, r, F)
-    contributions = jnp.stack([even, odd], axis=3).reshape(n, height, 2 * pairs, 3, -1)[:, :, :width]
-    above = jnp.pad(contributions[:, :height - 1, :, 0], ((0, 0), (1, 0), (0, 0), (0, 0)))
-    below = jnp.pad(contributions[:, 1:, :, 2], ((0, 0), (0, 1), (0, 0), (0, 0)))
-    return above + contributions[:, :, :, 1] + below
+    return _sum_kernel_rows(jnp.stack([even, odd], axis=3).reshape(n, height, 2 * pairs, 3, -1)[:, :, :width])
 
 
 def _winograd_pullback(xb: jax.Array, gz: jax.Array, matrix: jax.Array, input_gradient: bool = True
