@@ -565,12 +565,28 @@ def _same_padding(size: int, stride: int) -> tuple[int, tuple[int, int]]:
     return out, (total // 2, total - total // 2)
 
 
+def _taps(padded: jax.Array, stride: int, out_shape: tuple[int, int]) -> list[jax.Array]:
+    """The nine (n, oh, ow, C) slices of the padded input that the kernel's taps (r, s) read, in (r, s) order."""
+    oh, ow = out_shape
+    return [padded[:, r:r + stride * (oh - 1) + 1:stride, s:s + stride * (ow - 1) + 1:stride]
+            for r in range(3) for s in range(3)]
+
+
 def _patches(padded: jax.Array, stride: int, out_shape: tuple[int, int]) -> jax.Array:
     """(n, H', W', C) padded input -> (n * oh * ow, 9 C) patches, columns ordered (r, s, c) like a reshaped kernel."""
-    oh, ow = out_shape
-    taps = [padded[:, r:r + stride * (oh - 1) + 1:stride, s:s + stride * (ow - 1) + 1:stride]
-            for r in range(3) for s in range(3)]
-    return jnp.concatenate(taps, axis=-1).reshape(-1, 9 * padded.shape[-1])
+    return jnp.concatenate(_taps(padded, stride, out_shape), axis=-1).reshape(-1, 9 * padded.shape[-1])
+
+
+def _conv_by_multiply_add(padded: jax.Array, kernel: jax.Array, stride: int, out_shape: tuple[int, int]
+                          ) -> jax.Array:
+    """The convolution of the patches' form as 9 C broadcast multiply-adds, for inputs with at most
+    :data:`FEW_INPUTS` channels (the encoder's first layer on images): one fused elementwise kernel, where the
+    (pixels, 9 C) @ (9 C, F) matmul has too few inputs per row to run near the matmul rate (the conv VAE's 1 -> 32
+    layer, batch 100: forward 0.4 ms against 2.4-3.0 ms on 2 cores)."""
+    channels = padded.shape[-1]
+    products = [tap[..., c, None] * kernel[t * channels + c]
+                for t, tap in enumerate(_taps(padded, stride, out_shape)) for c in range(channels)]
+    return functools.reduce(jnp.add, products)
 
 
 def _pad_same(x: jax.Array, stride: int) -> jax.Array:
@@ -741,6 +757,8 @@ def _conv_by_patches(x: jax.Array, weights: jax.Array, stride: int, activation: 
         rows_kernel = _rows_matrix(kernel, x.shape[-1])
         return _blockwise(lambda b: act(_conv_by_rows(b, rows_kernel) + bias), (x,),
                           _row_patches_bytes(x, kernel.shape[-1]))
+    if x.shape[-1] <= FEW_INPUTS:  # no blocks: the multiply-adds build nothing but the output
+        return act(_conv_by_multiply_add(_pad_same(x, stride), kernel, stride, out_shape) + bias)
     outputs_bytes = out_shape[0] * out_shape[1] * kernel.shape[-1] * x.dtype.itemsize
     return _blockwise(lambda b: act(_patches(_pad_same(b, stride), stride, out_shape) @ kernel + bias).reshape(
         (b.shape[0],) + out_shape + (-1,)), (x,), _patches_bytes(x, stride) + outputs_bytes)

@@ -439,6 +439,20 @@ def test_patch_conv_skips_an_input_gradient_nobody_reads(stride, form):
     np.testing.assert_allclose(jax.grad(loss)(kernel, x), jax.grad(loss, argnums=(0, 1))(kernel, x)[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("channels,stride,matmuls", [(1, 1, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_patch_conv_forward_multiply_adds_few_input_channels(channels, stride, matmuls):
+    """With at most FEW_INPUTS input channels (a first layer on images) the patch form's forward pass is broadcast
+    multiply-adds, no matmul; with more, one matmul onto the patches. Both equal XLA's convolution."""
+    from dlvm_jax.networks import conv3x3_by_patches
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, channels))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, 5))
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv3x3_by_patches(x, k, stride, form="patches"))(x, kernel))
+    assert jaxpr.count("dot_general") == matmuls
+    want = jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv3x3_by_patches(x, kernel, stride, form="patches"), want, rtol=1e-5, atol=1e-5)
+
+
 def test_patch_block_size():
     """Blocks are the largest divisor of the example count that fits the byte budget, unless it is under half of
     what fits (then the blocks that fit, the last one padded); at least one example per block."""
