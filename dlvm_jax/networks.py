@@ -47,7 +47,9 @@ def _check_fused_activation(name: str, activation: str | None) -> None:
                          f"are functions of their outputs), got {activation!r}; apply others to its output")
 
 
-#: Dense layers with at most this many inputs multiply-add instead of calling a matmul (see :func:`few_inputs_dot`).
+#: Dense layers with at most this many inputs multiply-add instead of calling a matmul (see :func:`few_inputs_dot`),
+#: and so do the forward passes of patch-form convolutions with at most this many input channels
+#: (:func:`_conv_by_multiply_add`).
 FEW_INPUTS = 2
 
 
@@ -646,6 +648,14 @@ def _sum_kernel_rows(contributions: jax.Array) -> jax.Array:
     return above + contributions[:, :, :, 1] + below
 
 
+def _kernel_rows_gradient(g: jax.Array) -> jax.Array:
+    """The adjoint of :func:`_sum_kernel_rows`: the (n, H, W, F) output gradient -> the (n, H, W, 3, F) gradient of
+    the contributions. Input row j contributed through kernel row r to output row j - r + 1."""
+    height = g.shape[1]
+    shifted = jnp.pad(g, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    return jnp.stack([shifted[:, 2 - r:2 - r + height] for r in range(3)], axis=3)
+
+
 def _conv_by_rows(x: jax.Array, rows_kernel: jax.Array) -> jax.Array:
     n, height, width, _ = x.shape
     return _sum_kernel_rows((_row_patches(x) @ rows_kernel).reshape(n, height, width, 3, -1))
@@ -657,9 +667,7 @@ def _rows_pullback(xb: jax.Array, gz: jax.Array, rows_kernel: jax.Array, input_g
     :func:`_conv_by_rows`, given the output gradient."""
     n, height, width, channels = xb.shape
     features = gz.shape[-1]
-    # Input row j contributed through kernel row r to output row j - r + 1.
-    shifted = jnp.pad(gz, ((0, 0), (1, 1), (0, 0), (0, 0)))
-    dcontributions = jnp.stack([shifted[:, 2 - r:2 - r + height] for r in range(3)], axis=3).reshape(-1, 3 * features)
+    dcontributions = _kernel_rows_gradient(gz).reshape(-1, 3 * features)
     dkernel = (_row_patches(xb).T @ dcontributions).reshape(3, channels, 3, features)
     dkernel = jnp.transpose(dkernel, (2, 0, 1, 3)).reshape(-1, features)
     if not input_gradient:
@@ -724,10 +732,9 @@ def _winograd_pullback(xb: jax.Array, gz: jax.Array, matrix: jax.Array, input_gr
     :func:`_conv_by_winograd`, given the output gradient: the same three matmuls transposed."""
     n, height, width, channels = xb.shape
     features, pairs = gz.shape[-1], -(-width // 2)
-    # Input row j contributed through kernel row r to output row j - r + 1 (as in _rows_pullback), then the
-    # adjoint of the output transform: dm = (de, de + do, de - do, -do) from the even and odd columns' gradients.
-    shifted = jnp.pad(gz, ((0, 0), (1, 1), (0, 2 * pairs - width), (0, 0)))
-    dcontributions = jnp.stack([shifted[:, 2 - r:2 - r + height] for r in range(3)], axis=3)  # (n, H, 2 pairs, 3, F)
+    # The contributions' gradient (a zero column for an odd width's padding), then the adjoint of the output
+    # transform: dm = (de, de + do, de - do, -do) from the even and odd columns' gradients.
+    dcontributions = jnp.pad(_kernel_rows_gradient(gz), ((0, 0), (0, 0), (0, 2 * pairs - width), (0, 0), (0, 0)))
     de = dcontributions[:, :, 0::2].reshape(-1, 3 * features)
     do = dcontributions[:, :, 1::2].reshape(-1, 3 * features)
     dm = jnp.stack([de, de + do, de - do, -do])

@@ -360,8 +360,8 @@ def test_tap_form_gradients_under_vmap(layer):
 
 @pytest.mark.parametrize("size,features,stride,block_bytes,activation,form", [
     # Stride 1 with F >= 3 C: nine-tap patches.
-    ((3, 28, 28, 1), 4, 1, 4 << 20, None, "auto"),     # one block
-    ((4, 9, 7, 2), 7, 1, 600, "relu", "auto"),         # blocks of 1
+    ((3, 28, 28, 1), 4, 1, 4 << 20, None, "auto"),     # one block (the forward: multiply-adds, no blocks)
+    ((4, 9, 7, 2), 7, 1, 600, "relu", "auto"),         # backward: blocks of 1 (forward: multiply-adds)
     ((4, 9, 7, 2), 7, 1, 600, "relu", "rows"),         # the same in row patches
     # Stride 1 with F < 3 C: the 1-D Winograd form (per example H ceil(W / 2) 4 (C + 3 F) floats).
     ((7, 14, 14, 6), 5, 1, 3000, "relu", "auto"),      # blocks of 1 (7 is prime)
@@ -374,8 +374,8 @@ def test_tap_form_gradients_under_vmap(layer):
     ((3, 5, 1, 4), 3, 1, 4 << 20, "relu", "winograd"),  # one column
     # Stride 2: nine-tap patches.
     ((5, 28, 28, 3), 4, 2, 20000, None, "auto"),       # 28 -> 14 (padding 0 above, 1 below, as XLA's "SAME")
-    ((4, 9, 7, 2), 3, 2, 600, "relu", "auto"),         # odd sizes -> 5 x 4, blocks of 2
-    ((3, 9, 7, 2), 3, 2, 600, "tanh", "patches"),      # blocks of 2, the last one zero-padded
+    ((4, 9, 7, 2), 3, 2, 600, "relu", "auto"),         # odd sizes -> 5 x 4, backward blocks of 2
+    ((3, 9, 7, 2), 3, 2, 600, "tanh", "patches"),      # backward: blocks of 2, the last one zero-padded
 ])
 def test_patch_conv_equals_flax_conv(size, features, stride, block_bytes, activation, form, monkeypatch):
     """PatchConv (a 3x3 conv as blocked matmuls onto nine-tap or row patches, with the bias and the activation
