@@ -100,6 +100,22 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_rss(s['peak_rss_mb'], ('jax', 'torch'))} |")
                 for fw, e in s.get("errors", {}).items():
                     errors.append(f"{LABELS[model]} IS {fw}: {e}")
+    epochs = [(model, s) for model, settings in results["models"].items() for name, s in settings.items()
+              if name.startswith("train") and s.get("jax_epoch_steps_per_s")]
+    if epochs:
+        lines += [
+            "",
+            "JAX as `fit` trains these models: one jitted `lax.scan` per epoch over the data's shuffled batches "
+            "(`make_epoch`), per step, against the same PyTorch eager steps (not a target: the targets are on the "
+            "steps above):",
+            "",
+            "| model | M | JAX step | JAX scanned epoch, per step | torch eager | JAX epoch / eager |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for model, s in epochs:
+            lines.append(f"| {LABELS[model]} | {s['num_samples']} | {_num(s['jax_steps_per_s'])} | "
+                         f"{_num(s['jax_epoch_steps_per_s'])} | {_num(s['torch_eager_steps_per_s'])} | "
+                         f"{_f(s.get('epoch_ratio_vs_eager'), '{:.2f}')} |")
     if by_size:
         lines += [
             "",

@@ -71,6 +71,28 @@ def test_train_entry_reports_the_fastest_and_every_size():
     assert single["torch_compile_error"] == "no compiler"
 
 
+
+def test_scanned_epoch_is_reported_beside_the_step_and_not_as_a_target():
+    by_size = {0: {"jax": {"steps_per_s": 300.0, "epoch_steps_per_s": 330.0, "epoch_batches": 10},
+                   "torch_eager": {"steps_per_s": 200.0}, "torch_compile": {"steps_per_s": 250.0}}}
+    entry = bench.train_entry("mlp_vae", 1, by_size, peak=100e9)
+    assert entry["jax_steps_per_s"] == 300.0 and entry["jax_epoch_steps_per_s"] == 330.0
+    assert entry["ratio_vs_eager"] == 1.5 and entry["epoch_ratio_vs_eager"] == 1.65
+    targets = bench.check_targets({"mlp_vae": {"train_M1": entry}})
+    assert [t["value"] for t in targets] == [1.5]  # the step's ratio, not the epoch's
+    # Workers that did not time an epoch (the conv VAE) leave the fields out.
+    assert "jax_epoch_steps_per_s" not in bench.train_entry("conv_vae", 1, _by_size(), peak=100e9)
+    assert bench.SCANNED == ("mlp_vae", "gmvae")
+    results = {
+        "command": "python -m benchmarks", "quick": False, "data": {"images": "random", "spiral": "spiral"},
+        "machine": {"cpu": "CPU", "cores": 2, "device": "cpu", "jax": "0", "flax": "0", "torch": "0", "date": "d",
+                    "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0], "microbatch": "none"},
+        "matmul_peak": {"n": 2048, "jax_gflops": 400.0, "torch_gflops": 200.0, "peak_gflops": 400.0},
+        "models": {"mlp_vae": {"train_M1": entry}},
+    }
+    results["targets"] = targets
+    assert "| MLP VAE | 1 | 300 | 330 | 200 | 1.65 |" in report.markdown(results)
+
 def _is_entry(adjacent: float | None) -> dict:
     jax_out = {"logw_per_s": 400_000.0, "compile_s": 1.0, "log_px_mean": -90.0, "peak_rss_mb": 500.0}
     if adjacent is not None:
