@@ -53,6 +53,13 @@ def objective_for(model: str, num_samples: int) -> str:
 FAULTS: dict[str, float] = {}
 #: Set from the task's ``interleaved`` flag: :func:`timed_repeats` then takes turns with other live workers.
 INTERLEAVED = False
+#: Interleaved repeats: seconds of untimed calls at the start of each turn (at least one call), in which the other
+#: workers' idle threads stop spinning (PyTorch's OpenMP threads spin-wait for a while after their last parallel
+#: region) and the caches fill again. One untimed call (3 ms of an MLP VAE step) was too short: the JAX MLP VAE's
+#: step measured 244 and 299 steps/s interleaved with PyTorch workers at OpenMP's default wait policy, 351 and 345
+#: with ``--torch-omp-passive``, 326-335 alone (``python -m benchmarks --models mlp_vae --interleave --no-compile
+#: [--torch-omp-passive]``, 2 cores, 2026-12-06).
+TURN_WARMUP_S = 0.1
 
 
 def _await_turn() -> None:
@@ -65,8 +72,9 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
     """Seconds per step over ``repeats`` runs of ``run(calls)`` (which must finish all its work before
     returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up.
     Records the minor page faults per call of the timed runs in FAULTS. With :data:`INTERLEAVED`, each timed run
-    waits for its turn (:func:`_await_turn`), starts with one untimed call (the other workers have had the cores
-    and caches meanwhile) and prints ``TIMED`` when it is done."""
+    waits for its turn (:func:`_await_turn`), starts with :data:`TURN_WARMUP_S` of untimed calls (the other workers
+    have had the cores and caches meanwhile) and prints ``TIMED`` when it is done; after the last, it waits for the
+    driver to close stdin."""
     start = time.perf_counter()
     n = 0
     while True:
@@ -82,7 +90,10 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
     for _ in range(repeats):
         if INTERLEAVED:
             _await_turn()
+            turn = time.perf_counter()
             run(1)
+            while time.perf_counter() - turn < TURN_WARMUP_S:
+                run(1)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         run(calls)
@@ -91,6 +102,12 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
         if INTERLEAVED:
             print("TIMED", flush=True)
     FAULTS["minor_faults_per_call"] = faults / (repeats * calls)
+    if INTERLEAVED:
+        # Hold until the driver closes stdin, after every worker's last turn: a worker that went on (to exit, or to
+        # time more) would share the cores with the last turns of the others. It did: the last repeat of the
+        # framework whose turn came after another's last one ran at 0.2-0.6x its others (the seventh and eighth
+        # sessions' interleaved runs, `repeat_steps_per_s`).
+        sys.stdin.read()
     return out
 
 
@@ -226,8 +243,10 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
 def _jax_epoch(task: dict[str, Any], model: Any, loss_fn: Any, opt: Any) -> dict[str, Any]:
     """Steps/s of ``dlvm_jax.train.make_epoch`` on all of the task's data: one jitted ``lax.scan`` over an epoch's
     shuffled batches (the remainder left out), which is how ``fit`` trains models without convolutions. Timed after
-    the step's repeats, on its own (not interleaved); the step's page-fault count is kept."""
+    the step's repeats, on its own (interleaved: once every worker's turns are done, see :func:`timed_repeats`);
+    the step's page-fault count is kept."""
     global INTERLEAVED
+    step_faults, interleaved = dict(FAULTS), INTERLEAVED
     jax = _jax_setup()
     import jax.numpy as jnp
 
@@ -245,7 +264,6 @@ def _jax_epoch(task: dict[str, Any], model: Any, loss_fn: Any, opt: Any) -> dict
         jax.block_until_ready((s, m))
         box[0] = s
 
-    step_faults, interleaved = dict(FAULTS), INTERLEAVED
     INTERLEAVED = False
     try:
         times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
