@@ -68,13 +68,16 @@ def _await_turn() -> None:
     sys.stdin.readline()
 
 
-def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, warmup_s: float) -> list[float]:
+def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, warmup_s: float,
+                  interleaved: bool | None = None, record_faults: bool = True) -> list[float]:
     """Seconds per step over ``repeats`` runs of ``run(calls)`` (which must finish all its work before
     returning), with ``calls`` chosen so that one run takes about ``target_s``; after ``warmup_s`` of warm-up.
-    Records the minor page faults per call of the timed runs in FAULTS. With :data:`INTERLEAVED`, each timed run
+    Records the minor page faults per call of the timed runs in FAULTS (unless ``record_faults`` is False).
+    ``interleaved`` (default :data:`INTERLEAVED`): each timed run
     waits for its turn (:func:`_await_turn`), starts with :data:`TURN_WARMUP_S` of untimed calls (the other workers
     have had the cores and caches meanwhile) and prints ``TIMED`` when it is done; after the last, it waits for the
     driver to close stdin."""
+    interleaved = INTERLEAVED if interleaved is None else interleaved
     start = time.perf_counter()
     n = 0
     while True:
@@ -88,7 +91,7 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
     calls = max(2, int(round(target_s / max(per_call, 1e-6))))
     out, faults = [], 0
     for _ in range(repeats):
-        if INTERLEAVED:
+        if interleaved:
             _await_turn()
             turn = time.perf_counter()
             run(1)
@@ -99,10 +102,11 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
         run(calls)
         out.append((time.perf_counter() - t) / calls)
         faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        if INTERLEAVED:
+        if interleaved:
             print("TIMED", flush=True)
-    FAULTS["minor_faults_per_call"] = faults / (repeats * calls)
-    if INTERLEAVED:
+    if record_faults:
+        FAULTS["minor_faults_per_call"] = faults / (repeats * calls)
+    if interleaved:
         # Hold until the driver closes stdin, after every worker's last turn: a worker that went on (to exit, or to
         # time more) would share the cores with the last turns of the others. It did: the last repeat of the
         # framework whose turn came after another's last one ran at 0.2-0.6x its others (the seventh and eighth
@@ -114,6 +118,23 @@ def timed_repeats(run: Callable[[int], None], *, repeats: int, target_s: float, 
 # ----------------------------------------------------------------------------------------------------------------
 # JAX
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _jax_stepping(fn: Callable, state: Any, arg: Any) -> Callable[[int], None]:
+    """``run(calls)`` for :func:`timed_repeats`: ``calls`` updates ``state, metrics = fn(state, arg)`` back to back
+    (the state carried from call to call), waiting for the last."""
+    import jax
+
+    box = [state]
+
+    def run(calls: int) -> None:
+        s = box[0]
+        for _ in range(calls):
+            s, m = fn(s, arg)
+        jax.block_until_ready((s, m))
+        box[0] = s
+
+    return run
 
 
 def _jax_setup():
@@ -221,15 +242,7 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t
-    box = [state]
-
-    def run(calls: int) -> None:
-        s = box[0]
-        for _ in range(calls):
-            s, m = step(s, batch)
-        jax.block_until_ready((s, m))
-        box[0] = s
-
+    run = _jax_stepping(step, state, batch)
     times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
     step_s = statistics.median(times)
     out = {"steps_per_s": 1.0 / step_s, "repeat_steps_per_s": [1.0 / t for t in times],
@@ -245,8 +258,6 @@ def _jax_epoch(task: dict[str, Any], model: Any, loss_fn: Any, opt: Any) -> dict
     shuffled batches (the remainder left out), which is how ``fit`` trains models without convolutions. Timed after
     the step's repeats, on its own (interleaved: once every worker's turns are done, see :func:`timed_repeats`);
     the step's page-fault count is kept."""
-    global INTERLEAVED
-    step_faults, interleaved = dict(FAULTS), INTERLEAVED
     jax = _jax_setup()
     import jax.numpy as jnp
 
@@ -255,22 +266,9 @@ def _jax_epoch(task: dict[str, Any], model: Any, loss_fn: Any, opt: Any) -> dict
     data = jnp.asarray(np.load(task["data"], allow_pickle=False))
     batches = data.shape[0] // task["batch_size"]
     epoch = make_epoch(loss_fn, opt, batch_size=task["batch_size"])
-    box = [init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1))]
-
-    def run(calls: int) -> None:
-        s = box[0]
-        for _ in range(calls):
-            s, m = epoch(s, data)
-        jax.block_until_ready((s, m))
-        box[0] = s
-
-    INTERLEAVED = False
-    try:
-        times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"])
-    finally:
-        INTERLEAVED = interleaved
-        FAULTS.clear()
-        FAULTS.update(step_faults)
+    run = _jax_stepping(epoch, init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1)), data)
+    times = timed_repeats(run, repeats=task["repeats"], target_s=task["target_s"], warmup_s=task["warmup_s"],
+                          interleaved=False, record_faults=False)
     return {"epoch_steps_per_s": batches / statistics.median(times), "epoch_batches": batches}
 
 
