@@ -257,3 +257,25 @@ def test_make_loss_hands_each_example_its_slice_of_the_batch_noise(small_vae, sm
         dists.sample(q, eps[:3, :2], 3)
     with pytest.raises(TypeError, match="needs a Gaussian q"):
         dists.sample(dists.likelihood_dist("bernoulli", jnp.zeros(4), (4,)), jnp.zeros((2, 4)), 2)
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_one_sample_elbo_equals_the_general_path_on_a_repeated_sample(small_vae, small_vae_params, digits,
+                                                                      analytic_kl):
+    """With one sample the ELBO decodes z without its sample axis (elbo_terms); the result must equal the M-sample
+    path's mean over M=2 copies of that same sample, value and gradient."""
+    x = jnp.asarray(digits.x_test[:6])
+    eps = jax.random.normal(jax.random.key(5), (6, 1, small_vae.config.latent_dim))
+
+    def loss(params, noise, m):
+        terms = jax.vmap(lambda xi, e: objectives.elbo_terms(small_vae, params, xi, e, num_samples=m,
+                                                             analytic_kl=analytic_kl))(x, noise)
+        return jnp.mean(terms["elbo"]), terms
+
+    (one, terms1), g1 = jax.value_and_grad(loss, has_aux=True)(small_vae_params, eps, 1)
+    (two, terms2), g2 = jax.value_and_grad(loss, has_aux=True)(small_vae_params, jnp.concatenate([eps, eps], 1), 2)
+    assert terms1["rec"].shape == (6,)
+    np.testing.assert_allclose(one, two, rtol=1e-6)
+    for k in ("rec", "kl"):
+        np.testing.assert_allclose(terms1[k], terms2[k], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-6)
