@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import __main__ as bench
@@ -209,3 +210,19 @@ def test_ab_commits_checks_its_arguments_and_where_the_library_came_from(tmp_pat
     (tmp_path / "dlvm_jax").mkdir()  # an empty folder: dlvm_jax is already imported from this checkout
     with pytest.raises(RuntimeError, match="not from"):
         ab_commits.child(str(tmp_path), {})
+
+
+def test_noise_profile_merges_windows_and_estimates_the_ratio_of_medians():
+    from benchmarks.profile_noise import merged_rates, ratio_of_medians, spread
+
+    # two windows of equal step counts at 100 and 300 steps/s: the steps over the summed time, 150 (not 200)
+    np.testing.assert_allclose(merged_rates([100.0, 300.0, 200.0], 2), [150.0])
+    np.testing.assert_allclose(merged_rates([100.0, 300.0, 200.0], 1), [100.0, 300.0, 200.0])
+    s = spread(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert (s["median"], s["min"], s["max"], s["windows"]) == (3.0, 1.0, 5.0, 5)
+    # constant rates: every draw gives the exact ratio; a ratio under the target is counted as such
+    r = ratio_of_medians(np.full(10, 300.0), np.full(10, 200.0), draws=50)
+    assert r["p5"] == r["p50"] == r["p95"] == 1.5 and r["fraction_below_1.5"] == 0.0
+    r = ratio_of_medians(np.full(10, 280.0), np.full(10, 200.0), draws=50)
+    assert r["p50"] == 1.4 and r["fraction_below_1.5"] == 1.0
+    assert ratio_of_medians(np.ones(4), np.ones(10)) is None  # fewer windows than repeats
