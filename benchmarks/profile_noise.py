@@ -54,9 +54,11 @@ def ratio_of_medians(a: np.ndarray, b: np.ndarray, *, repeats: int = 5, draws: i
     if len(a) < repeats or len(b) < repeats:
         return None
     rng = np.random.default_rng(seed)
-    ratios = np.array([np.median(rng.choice(a, repeats, replace=False)) / np.median(rng.choice(b, repeats,
-                                                                                                 replace=False))
-                       for _ in range(draws)])
+
+    def median_of_draw(rates: np.ndarray) -> float:
+        return float(np.median(rng.choice(rates, repeats, replace=False)))
+
+    ratios = np.array([median_of_draw(a) / median_of_draw(b) for _ in range(draws)])
     p5, p50, p95 = np.percentile(ratios, [5, 50, 95])
     return {"p5": round(float(p5), 3), "p50": round(float(p50), 3), "p95": round(float(p95), 3),
             f"fraction_below_{target}": round(float(np.mean(ratios < target)), 3)}
