@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dlvm_jax import distributions as dists
+from dlvm_jax import noise
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -163,9 +164,10 @@ def make_loss(
     def loss_fn(params: Params, batch: jax.Array, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
         weight = kl_weight(step, beta=beta, warmup_steps=warmup_steps)
         # The whole batch's standard-normal noise in one draw, handed to each example in place of a key: one
-        # random-number loop per step instead of a key split and a batched draw (benchmarks/profile_small_ops.py).
-        noise = jax.random.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
-        values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, noise, weight)
+        # hash of the counters per step instead of a key split and a batched draw (benchmarks/profile_small_ops.py),
+        # and an unrolled one (dlvm_jax.noise: jax.random.normal's numbers without XLA:CPU's rolled loop).
+        eps = noise.normal(key, (batch.shape[0], num_samples) + tuple(model.prior(params).event_shape))
+        values, terms = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, batch, eps, weight)
         loss = -jnp.mean(values)
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
         metrics["loss"] = loss

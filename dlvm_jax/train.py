@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dlvm_jax import parallel
+from dlvm_jax import noise, parallel
 from dlvm_jax.checkpoint import CheckpointError, Checkpoints, host_array, leaf_name
 from dlvm_jax.objectives import LossFn, Metrics, MicrobatchedLoss, value_and_grad
 from dlvm_jax.runtime import jit_reusing_temporaries
@@ -74,7 +74,7 @@ def _checked_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, stat
     """One update and its non-finite flags; with ``skip_nonfinite`` a flagged update leaves the parameters and the
     optimizer state as they were (the key and the step counter still advance)."""
     batch = parallel.constrain_batch(batch, mesh)
-    key, step_key = jax.random.split(state.key)
+    key, step_key = noise.split(state.key)
     (loss, metrics), grads = value_and_grad(loss_fn, state.params, batch, step_key, state.step,
                                             constrain=lambda b: parallel.constrain_batch(b, mesh))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -89,7 +89,7 @@ def _checked_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, stat
 
 def _step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
           batch: jax.Array) -> tuple[TrainState, Metrics]:
-    key, step_key = jax.random.split(state.key)
+    key, step_key = noise.split(state.key)
     (_, metrics), grads = value_and_grad(loss_fn, state.params, batch, step_key, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
