@@ -3,8 +3,8 @@
     python -m benchmarks.profile_rng [--rounds 12] [--out benchmarks/results/profile_rng.json]
 
 On XLA's CPU backend JAX lowers its Threefry hash as a rolled loop of five iterations; ``dlvm_jax.noise`` writes
-the hash out. Two tables, microseconds a call, medians of ``--rounds`` alternating rounds (reversed order every
-other round, so that a slow spell of a shared host falls on both):
+the hash out. Two tables, microseconds a call (each call waited for), medians of ``--rounds`` alternating rounds
+(reversed order every other round, so that a slow spell of a shared host falls on both):
 
 * draws: the standard-normal noise of the MLP VAE's train step at M=1 and M=10 (batch 100, 50 latents), the
   importance sampler's K=5000 draws of one image, and the step's key split, each jitted alone;
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,30 +30,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
+from benchmarks.profile_train import alternate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed(calls: dict[str, Callable[[], Any]], rounds: int, target_s: float = 0.2) -> dict[str, float]:
-    """Median microseconds a call of each, over alternating rounds of about ``target_s`` each."""
-    per_round = {}
-    for name, call in calls.items():
-        jax.block_until_ready(call())
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.05:
-            jax.block_until_ready(call())
-            n += 1
-        per_round[name] = max(1, int(target_s / ((time.perf_counter() - t0) / n)))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(rounds):
-        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            call, n = calls[name], per_round[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = call()
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - t0) / n * 1e6)
-    return {name: round(statistics.median(v), 1) for name, v in times.items()}
+def timed(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median microseconds a call of each, over alternating rounds (:func:`benchmarks.profile_train.alternate`,
+    each call waited for)."""
+    runs = {name: (lambda call=call: jax.block_until_ready(call())) for name, call in calls.items()}
+    return {name: round(1e3 * ms, 1) for name, ms in alternate(runs, {}, rounds).items()}
 
 
 @contextlib.contextmanager

@@ -8,15 +8,15 @@ bit (``jax_threefry_partitionable`` counters, the 23 mantissa bits of a float in
 so that a seed gives the very same noise with either (tests/test_noise.py compares them exactly and checks the hash
 against the published known answers).
 
-Measured on 2 cores (``python -m benchmarks.profile_rng``): the MLP VAE step's noise alone, 100 x 50 draws, in
-37 us against 91 us; 100 x 10 x 50 in 205 against 373 us. Inside a step the gain is smaller, because the hash is
-a chain of cheap integer ops that XLA copies into every kernel that reads the noise (three kernels of the MLP VAE
-step compute it) while the loop's result is computed once and can overlap the encoder: the library's MLP VAE
-step 1.5% faster at M=1 and 1.6% slower at M=10 in one process, 1.03-1.09x at M=1 and 1.02x at M=10 in the
-benchmark's fresh processes (``python -m benchmarks.ab_commits``). Where many kernels read the noise it loses:
-the GMVAE's per-example draws, each read by the five clusters' terms, made its step 0.88x as fast. So the library
-uses it for the batch's noise of :func:`dlvm_jax.objectives.make_loss` and the train step's key split, and keeps
-``jax.random`` elsewhere.
+Measured on 2 cores (``python -m benchmarks.profile_rng``, each call waited for): the MLP VAE step's noise alone,
+100 x 50 draws, in 92 us against 203 us; 100 x 10 x 50 in 244 against 441 us. Inside a step the gain is smaller,
+because the hash is a chain of cheap integer ops that XLA copies into every kernel that reads the noise (three
+kernels of the MLP VAE step compute it) while the loop's result is computed once and can overlap the encoder: the
+library's MLP VAE step 1.046x as fast at M=1 and 0.976x at M=10 in one process, 1.03-1.09x at M=1 and 1.02x at M=10
+in the benchmark's fresh processes (``python -m benchmarks.ab_commits``). Where many kernels read the noise it
+loses: the GMVAE's per-example draws, each read by the five clusters' terms, made its step 0.88x as fast. So the
+library uses it for the batch's noise of :func:`dlvm_jax.objectives.make_loss` and the train step's key split, and
+keeps ``jax.random`` elsewhere.
 
 Any other key (``rbg``, ``unsafe_rbg``, a custom implementation), dtype, or the non-partitionable Threefry setting
 falls back to ``jax.random`` itself.
@@ -90,7 +90,7 @@ def normal(key: Array, shape: Sequence[int] = (), dtype: Any = None) -> Array:
     lo, hi = np.float32(np.nextafter(np.float32(-1), np.float32(0))), np.float32(1)
     floats = lax.bitcast_convert_type(lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000),
                                       jnp.float32) - np.float32(1)
-    u = lax.max(jnp.full((1,) * len(shape), lo), floats * (jnp.float32(hi) - jnp.float32(lo)) + lo)
+    u = jnp.maximum(lo, floats * (hi - lo) + lo)
     return np.float32(np.sqrt(2)) * lax.erf_inv(u)
 
 
