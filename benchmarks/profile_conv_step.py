@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import write_result
     from benchmarks.worker import _jax_model
     from dlvm_jax.objectives import microbatched, value_and_grad
-    from dlvm_jax.runtime import jit_reusing_temporaries
+    from dlvm_jax.runtime import tuned_jit
 
     model, loss_fn = _jax_model("conv_vae", args.samples)
     params = jax.jit(model.init)(jax.random.key(0))
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.microbatch:
         loss_fn = microbatched(loss_fn, args.microbatch)
     # the gradient as make_train_step computes it
-    grad = jit_reusing_temporaries(lambda p, b, k: value_and_grad(loss_fn, p, b, k, jnp.zeros((), jnp.int32))[1])
+    grad = tuned_jit(lambda p, b, k: value_and_grad(loss_fn, p, b, k, jnp.zeros((), jnp.int32))[1])
     key = jax.random.key(1)
     kernels = {f"{net} {layer}": tuple(leaves["kernel"].shape)
                for net, layers_ in params.items() for layer, leaves in layers_.items() if layer.startswith("Conv")}

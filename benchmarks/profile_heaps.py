@@ -3,7 +3,7 @@
     python -m benchmarks.profile_heaps [--heaps-mib 0,20,24,28] [--samples 1] [--out FILE]
 
 Each heap size runs in a fresh process (glibc's state is per process): the gradient of the conv VAE loss of
-``python -m benchmarks`` (batch 100) jitted by ``dlvm_jax.runtime.jit_reusing_temporaries`` with
+``python -m benchmarks`` (batch 100) jitted by ``dlvm_jax.runtime.tuned_jit`` with
 ``TEMP_HEAP_BYTES`` set to that size (0: XLA's one block of temporaries, the option unset; with an array over
 that size, as at M=10, the option is not applied either), three warm-up calls, then 20 repeats of 3 calls, each repeat's
 milliseconds a call and minor page faults a call (``ru_minflt``). ``dlvm_jax.runtime.TEMP_HEAP_BYTES`` was chosen
@@ -32,7 +32,7 @@ runtime.TEMP_HEAP_BYTES = int(sys.argv[2])
 model, loss_fn = _jax_model("conv_vae", samples)
 params = jax.jit(model.init)(jax.random.key(0))
 batch = jnp.asarray((np.random.default_rng(0).random((100, 28, 28, 1)) < 0.13).astype(np.float32))
-grad = runtime.jit_reusing_temporaries(jax.grad(lambda p, b, k: loss_fn(p, b, k, 0)[0]))
+grad = runtime.tuned_jit(jax.grad(lambda p, b, k: loss_fn(p, b, k, 0)[0]))
 key = jax.random.key(1)
 for _ in range(3):
     jax.block_until_ready(grad(params, batch, key))

@@ -9,7 +9,7 @@ step page-faults it in again and the kernel zeroes it. Each row runs one train s
 fresh worker processes, with glibc's defaults and with ``keep_freed_memory`` (what ``python -m benchmarks
 --keep-freed-memory`` applies to both frameworks), and records steps/s and the minor page faults per step
 (``ru_minflt``) over the timed repeats. JAX's train step (``dlvm_jax.train.make_train_step``) splits its
-temporaries into heaps of ``TEMP_HEAP_BYTES`` (:func:`dlvm_jax.runtime.jit_reusing_temporaries`), which glibc's
+temporaries into heaps of ``TEMP_HEAP_BYTES`` (:func:`dlvm_jax.runtime.tuned_jit`), which glibc's
 defaults recycle; the ``one_block`` columns switch that off, leaving XLA's single block of temporaries.
 """
 

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlvm_jax.objectives import check_num_samples
+from dlvm_jax.runtime import tuned_jit
 
 Params = Any
 #: Where the samples of z come from: the model's amortised q(z | x) (importance sampling) or the prior (naive MC).
@@ -101,12 +102,14 @@ def chunked_log_weights(model: Any, params: Params, x: jax.Array, key: jax.Array
 
 
 def make_batch_estimator(model: Any, *, num_samples: int = 5000, chunk_size: int = 500, proposal: str = "q"):
-    """Jitted ``estimate(params, batch, key) -> ISEstimate`` for one batch (one key per example from ``key``)."""
+    """Jitted ``estimate(params, batch, key) -> ISEstimate`` for one batch (one key per example from ``key``). On a
+    CPU its first call picks the faster library for the decoder's matrix products (:class:`dlvm_jax.runtime.tuned_jit`;
+    the MLP VAE's K = 5000 estimate ran 1.18x faster with Eigen's than with YNNPACK's in fresh processes)."""
     num_samples = check_num_samples(num_samples)
     chunk_size = check_num_samples(chunk_size, "chunk_size")
     check_proposal(proposal)
 
-    @jax.jit
+    @tuned_jit
     def estimate(params: Params, batch: jax.Array, key: jax.Array) -> ISEstimate:
         keys = jax.random.split(key, batch.shape[0])
         log_w = jax.vmap(lambda x, k: chunked_log_weights(model, params, x, k, num_samples, chunk_size,

@@ -1,4 +1,5 @@
-"""Memory settings for running dlvm_jax on a CPU: process-wide (keep_freed_memory) or per compiled function.
+"""Settings for running dlvm_jax on a CPU: memory, process-wide (keep_freed_memory) or per compiled function, and
+the library for a compiled function's matrix products (tuned_jit).
 
 XLA's CPU runtime allocates the temporaries of a compiled function at every call. On Linux, glibc's malloc serves
 a large request from a worker thread's arena with a fresh ``mmap`` and returns it with ``munmap`` when the call
@@ -7,8 +8,8 @@ ends, so the next call page-faults the same memory in again and the kernel zeroe
 malloc keep freed memory for reuse instead, for the whole process. ``python -m benchmarks.profile_malloc``
 measures what it changes, for JAX and for PyTorch (whose eager mode gains more from it).
 
-:func:`jit_reusing_temporaries` (what :func:`dlvm_jax.train.make_train_step` compiles with) leaves the allocator
-alone and changes what XLA asks of it: the temporaries come in heaps of at most :data:`TEMP_HEAP_BYTES` instead of
+:class:`tuned_jit` (what :func:`dlvm_jax.train.make_train_step` compiles with) leaves the allocator alone and
+changes what XLA asks of it: the temporaries come in heaps of at most :data:`TEMP_HEAP_BYTES` instead of
 one block, under glibc's largest ``mmap`` threshold, so that malloc keeps them for the next call. Only partly:
 glibc still returns a heap to the system when a whole per-thread sub-heap (64 MiB) falls free or its free top
 exceeds the trim threshold, so some calls, or in some processes every call, still fault part of the temporaries
@@ -23,9 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import math
+import os
 import platform
 import re
+import statistics
+import time
 from typing import Any, Callable
 
 import jax
@@ -68,7 +73,7 @@ def keep_freed_memory() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 #: The most bytes of temporaries that XLA:CPU puts in one heap (``xla_multiheap_size_constraint_per_heap``) for
-#: :func:`jit_reusing_temporaries`. XLA otherwise places all of a computation's temporaries in one block, 77 MB for
+#: :class:`tuned_jit`. XLA otherwise places all of a computation's temporaries in one block, 77 MB for
 #: the conv VAE's train step, which glibc serves with a fresh ``mmap`` at every call (anything over its dynamic
 #: threshold, at most 32 MiB). Heaps under that threshold come back from malloc's free lists instead. 20, 24 and
 #: 28 MiB measured on that step's gradient (2 cores, ``python -m benchmarks.profile_heaps``): 24 MiB the fastest
@@ -96,25 +101,129 @@ def temp_heap_options(lowered: Any, *, platform: str | None = None) -> dict[str,
     return {_HEAP_OPTION: TEMP_HEAP_BYTES}
 
 
-class jit_reusing_temporaries:  # noqa: N801 (used like jax.jit)
-    """``jax.jit(fun, **jit_kwargs)``, compiled at its first call with :func:`temp_heap_options` for the arguments
-    of that call, so that on a CPU repeated calls reuse the memory of their temporaries instead of page-faulting it
-    in afresh (see the module's notes for when glibc still returns them). Measured on 2 cores
-    (``python -m benchmarks.profile_heaps``, three sweeps): the conv VAE's gradient (batch 100, one sample) in
-    60-89 ms instead of 80-120 (medians of 20 repeats), 0-10,500 page faults a call in the median against 19,800;
-    its train step in the benchmark's workers, four interleaved pairs, 7.7-12.0 steps/s against 6.7-10.4 on a
-    noisy host. Later calls with other shapes compile with the same options; ``lower``
-    works as for ``jax.jit``."""
+# ----------------------------------------------------------------------------------------------------------------
+# The library that runs the matrix products on a CPU, chosen by timing both
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Which library runs the matrix products of a computation compiled by :class:`tuned_jit` on XLA's CPU backend:
+#: ``"ynnpack"`` (XLA's default in jaxlib 0.10: each dot a YNNPACK fusion), ``"eigen"`` (XLA's own dot thunks,
+#: which call Eigen; the XLA option ``xla_cpu_experimental_ynn_fusion_type`` set empty), or ``"auto"``: time both
+#: on the first call's arguments and keep the faster. Neither wins everywhere. Measured on 2 cores, the library's
+#: train steps, in-process alternation: the MLP VAE (batch 100, one sample) 1.09-1.11x faster with Eigen, the same
+#: with ten samples 0.81x, the GMVAE 0.89x, the conv VAE (whose convolutions are dots on patches) 0.50x.
+#: The two differ in round-off, so ``"auto"`` may give results that differ in the last bits from process to process
+#: where the two run about as fast; fix the choice for bitwise-reproducible runs. Read from the environment variable
+#: ``DLVM_CPU_DOTS`` at import (default ``"auto"``).
+CPU_DOTS = os.environ.get("DLVM_CPU_DOTS", "auto")
+#: ``"auto"`` times both only for computations of at least this many FLOPs (XLA's count for the lowered
+#: computation): below it, a step is too short for the choice to matter and the second compilation would cost more
+#: than it saves (the tests' small models).
+TUNE_MIN_FLOPS = 2e7
+#: How long ``"auto"`` times each of the two compiled variants, seconds: after one call each to warm up, at least
+#: ``_TUNE_MIN_CALLS`` calls each, unless the calls take over ``4 * TUNE_SECONDS`` in all (then one may be enough).
+TUNE_SECONDS = 0.25
+_TUNE_MIN_CALLS, _TUNE_MAX_CALLS = 5, 40
+_DOT_OPTIONS = {"ynnpack": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+#: Choices made in this process, by fingerprint of the lowered computation and its other options, so that the same
+#: computation always runs the same way in one process (and is timed once).
+_chosen: dict[str, str] = {}
+
+
+def _flops(lowered: Any) -> float:
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 (a backend without a cost model: no tuning)
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def _median_call_seconds(calls: dict[str, Callable[[], Any]], fresh_args: Callable[[], tuple]) -> dict[str, float]:
+    """Median seconds of a call of each of ``calls[name](*args)`` (each waited for), alternating between them, on
+    fresh arguments each time (their buffers may be donated), for about :data:`TUNE_SECONDS` each."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    spent = 0.0
+    for i in range(_TUNE_MAX_CALLS + 1):
+        for name in (names if i % 2 else names[::-1]):
+            args = jax.block_until_ready(fresh_args())
+            t = time.perf_counter()
+            jax.block_until_ready(calls[name](*args))
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+                spent += times[name][-1]
+        if i and spent >= TUNE_SECONDS * len(names) and (i >= _TUNE_MIN_CALLS or spent >= 4 * TUNE_SECONDS):
+            break  # enough calls, or a few long ones (the IS estimate of a batch: one call each, ~1.7 s)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class tuned_jit:  # noqa: N801 (used like jax.jit)
+    """``jax.jit(fun, **jit_kwargs)``, compiled at its first call with XLA:CPU options chosen for the arguments of
+    that call (on other backends, plain ``jax.jit``):
+
+    * :func:`temp_heap_options`, so that repeated calls reuse the memory of their temporaries instead of
+      page-faulting it in afresh (see the module's notes for when glibc still returns them). Measured on 2 cores
+      (``python -m benchmarks.profile_heaps``, three sweeps): the conv VAE's gradient (batch 100, one sample) in
+      60-89 ms instead of 80-120 (medians of 20 repeats), 0-10,500 page faults a call in the median against 19,800;
+      its train step in the benchmark's workers, four interleaved pairs, 7.7-12.0 steps/s against 6.7-10.4 on a
+      noisy host.
+    * the library for its matrix products (:data:`CPU_DOTS`): with ``"auto"``, a computation of at least
+      :data:`TUNE_MIN_FLOPS` is compiled both ways and each is timed on copies of the first call's arguments for
+      about :data:`TUNE_SECONDS`; the faster is kept (``dot_library`` and ``dot_seconds`` record the choice and
+      the median seconds of a call of each, ``tuning_s`` the seconds spent timing them). The two differ in round-off only. The choice is remembered for the process, so the same
+      computation runs the same way each time it is compiled there; another process may choose otherwise where the
+      two are close.
+
+    Later calls with other shapes compile with the same options; ``lower`` works as for ``jax.jit``."""
 
     def __init__(self, fun: Callable, **jit_kwargs: Any) -> None:
         self._fun, self._jit_kwargs = fun, jit_kwargs
         self._jitted: Any = None
+        self.dot_library: str | None = None
+        self.dot_seconds: dict[str, float] = {}
+        self.tuning_s = 0.0
         functools.update_wrapper(self, fun)
+
+    def _dot_library(self, lowered: Any, options: dict[str, Any], args: tuple) -> str:
+        if CPU_DOTS not in ("auto", *_DOT_OPTIONS):
+            raise ValueError(f"runtime.CPU_DOTS (environment variable DLVM_CPU_DOTS) must be 'auto', 'ynnpack' or 'eigen', "
+                             f"got {CPU_DOTS!r}")
+        if CPU_DOTS != "auto":
+            return CPU_DOTS
+        if set(self._jit_kwargs) - {"donate_argnums"} or _flops(lowered) < TUNE_MIN_FLOPS:
+            return "ynnpack"
+        text = lowered.as_text()
+        if "dot_general" not in text and "convolution" not in text:
+            return "ynnpack"
+        key = hashlib.sha256((text + repr(sorted(options.items()))).encode()).hexdigest()
+        if key not in _chosen:
+            donated = self._jit_kwargs.get("donate_argnums", ())
+            donated = {donated} if isinstance(donated, int) else set(donated)
+            compiled = {name: jax.jit(self._fun, compiler_options={**options, **extra} or None,
+                                      **self._jit_kwargs).lower(*args).compile()
+                        for name, extra in _DOT_OPTIONS.items()}
+
+            def fresh_args() -> tuple:
+                return tuple(jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, arg)
+                             if i in donated else arg for i, arg in enumerate(args))
+
+            t = time.perf_counter()
+            self.dot_seconds = _median_call_seconds(compiled, fresh_args)
+            self.tuning_s = time.perf_counter() - t
+            _chosen[key] = min(self.dot_seconds, key=self.dot_seconds.__getitem__)
+        return _chosen[key]
 
     def _jit_for(self, *args: Any) -> Any:
         if self._jitted is None:
             plain = jax.jit(self._fun, **self._jit_kwargs)
-            options = temp_heap_options(plain.lower(*args))
+            if jax.default_backend() != "cpu":
+                self._jitted = plain
+                return plain
+            lowered = plain.lower(*args)
+            options = temp_heap_options(lowered, platform="cpu")
+            self.dot_library = self._dot_library(lowered, options, args)
+            options = {**options, **_DOT_OPTIONS[self.dot_library]}
             self._jitted = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs) if options else plain
         return self._jitted
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from dlvm_jax import noise, parallel
 from dlvm_jax.checkpoint import CheckpointError, Checkpoints, host_array, leaf_name
 from dlvm_jax.objectives import LossFn, Metrics, MicrobatchedLoss, value_and_grad
-from dlvm_jax.runtime import jit_reusing_temporaries
+from dlvm_jax.runtime import tuned_jit
 
 Params = Any
 
@@ -129,9 +129,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     (its microbatch size a multiple of the mesh's devices)."""
     _check_microbatch(loss_fn, mesh)
     if mesh is None and not skip_nonfinite:
-        return jit_reusing_temporaries(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
+        return tuned_jit(lambda state, batch: _step(loss_fn, optimizer, state, batch), donate_argnums=0)
     step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
-    return jit_reusing_temporaries(lambda state, batch: step(state, batch)[:2], donate_argnums=0, **_jit_kwargs(mesh))
+    return tuned_jit(lambda state, batch: step(state, batch)[:2], donate_argnums=0, **_jit_kwargs(mesh))
 
 
 def check_batch_size(batch_size: int, num_examples: int) -> int:
@@ -227,7 +227,7 @@ class _Engine:
         self.mesh = mesh
         self.skip_nonfinite = skip_nonfinite
         step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
-        self.step = jit_reusing_temporaries(step, donate_argnums=0, **_jit_kwargs(mesh))
+        self.step = tuned_jit(step, donate_argnums=0, **_jit_kwargs(mesh))
         self.scan_epoch = jax.jit(
             _epoch_with_health(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite),
             donate_argnums=0, **_jit_kwargs(mesh, batch_leading=None))

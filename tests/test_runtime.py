@@ -1,5 +1,5 @@
 """dlvm_jax.runtime: repeated jitted calls stop page-faulting their temporaries in afresh, process-wide
-(keep_freed_memory) or through XLA's heaps of temporaries (jit_reusing_temporaries)."""
+(keep_freed_memory) or through XLA's heaps of temporaries (tuned_jit)."""
 
 import json
 import platform
@@ -57,7 +57,8 @@ def f(x, w):
         h.append(jnp.tanh(h[-1] @ w))
     return sum(jnp.sum(a * b) for a, b in zip(h, h[::-1]))
 
-g = runtime.jit_reusing_temporaries(f)
+runtime.CPU_DOTS = "ynnpack"  # the heaps alone
+g = runtime.tuned_jit(f)
 x, w = jnp.ones((1024, 2048)), jnp.eye(2048) * 0.5
 for _ in range(3):
     g(x, w).block_until_ready()
@@ -106,18 +107,18 @@ def test_temp_heap_options_only_for_cpu_computations_of_small_arrays(monkeypatch
     assert runtime.temp_heap_options(small, platform="cpu") == {}
 
 
-def test_jit_reusing_temporaries_behaves_like_jit():
+def test_tuned_jit_behaves_like_jit():
     """Same values as jax.jit, donation honoured, other shapes recompiled, ``lower`` available, name kept."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from dlvm_jax.runtime import jit_reusing_temporaries
+    from dlvm_jax.runtime import tuned_jit
 
     def step(state, x):
         return state + jnp.sum(jnp.tanh(x @ x.T)), jnp.mean(x)
 
-    g = jit_reusing_temporaries(step, donate_argnums=0)
+    g = tuned_jit(step, donate_argnums=0)
     x = jax.random.normal(jax.random.key(0), (50, 20))
     state = jnp.ones(3)
     want = jax.jit(step)(jnp.ones(3), x)
@@ -174,3 +175,85 @@ def test_benchmark_command_hides_this_machines_paths(tmp_path):
     inside = str(ROOT / "benchmarks" / "results")
     assert (shown_command(["--out", str(tmp_path), f"--data-dir={tmp_path}", "--out", inside, "--quick"])
             == "python -m benchmarks --out DIR --data-dir=DIR --out benchmarks/results --quick")
+
+
+def _mlp(w, x):
+    import jax.numpy as jnp
+
+    for _ in range(3):
+        x = jnp.tanh(x @ w)
+    return jnp.sum(x)
+
+
+@pytest.mark.parametrize("library, ynn", [("ynnpack", True), ("eigen", False)])
+def test_cpu_dots_choose_the_library_of_the_matrix_products(monkeypatch, library, ynn):
+    """A fixed choice compiles the dots as YNNPACK fusions or as XLA's own dot thunks; values agree to round-off."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dlvm_jax import runtime
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU options")
+    monkeypatch.setattr(runtime, "CPU_DOTS", library)
+    w = jax.random.normal(jax.random.key(0), (64, 64)) / 8
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    g = runtime.tuned_jit(_mlp)
+    np.testing.assert_allclose(g(w, x), jax.jit(_mlp)(w, x), rtol=1e-5)
+    assert g.dot_library == library and g.dot_seconds == {}
+    assert ("__ynn_fusion" in g.lower(w, x).compile().as_text()) == ynn
+    monkeypatch.setattr(runtime, "CPU_DOTS", "mkl")
+    with pytest.raises(ValueError, match="CPU_DOTS"):
+        runtime.tuned_jit(_mlp)(w, x)
+
+
+def test_auto_keeps_the_faster_library_and_remembers_it(monkeypatch):
+    """``"auto"`` times both variants on copies of the donated arguments (the caller's are donated once, by the real
+    call), keeps the faster, and reuses the choice for the same computation without timing it again; a computation
+    under TUNE_MIN_FLOPS is not timed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dlvm_jax import runtime
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU options")
+    monkeypatch.setattr(runtime, "CPU_DOTS", "auto")
+    monkeypatch.setattr(runtime, "TUNE_SECONDS", 0.01)
+    monkeypatch.setattr(runtime, "_chosen", {})
+
+    def step(state, x):
+        return state + jnp.sum(jnp.tanh(x @ state[:, None] * x)), jnp.mean(x)
+
+    x = jax.random.normal(jax.random.key(0), (200, 300))
+    flops = runtime._flops(jax.jit(step).lower(jnp.ones(300), x))  # XLA's count: the dot's and the elementwise ops'
+    assert flops >= 2 * 200 * 300
+    monkeypatch.setattr(runtime, "TUNE_MIN_FLOPS", flops * 2)  # under it: not timed
+    small = runtime.tuned_jit(step, donate_argnums=0)
+    small(jnp.ones(300), x)
+    assert small.dot_library == "ynnpack" and small.dot_seconds == {}
+
+    monkeypatch.setattr(runtime, "TUNE_MIN_FLOPS", flops / 2)
+    calls = {}
+    timer = runtime._median_call_seconds
+
+    def fake_timings(compiled, fresh_args):  # the real timer runs, then eigen is made the faster
+        calls["n"] = calls.get("n", 0) + 1
+        measured = timer(compiled, fresh_args)
+        assert set(measured) == {"ynnpack", "eigen"} and all(t > 0 for t in measured.values())
+        return {"ynnpack": 2.0, "eigen": 1.0}
+
+    monkeypatch.setattr(runtime, "_median_call_seconds", fake_timings)
+    state = jnp.ones(300)
+    g = runtime.tuned_jit(step, donate_argnums=0)
+    got = g(state, x)
+    assert state.is_deleted()  # donated by the call, after the timed calls on copies
+    want = jax.jit(step)(jnp.ones(300), x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert g.dot_library == "eigen" and g.dot_seconds == {"ynnpack": 2.0, "eigen": 1.0} and calls["n"] == 1
+    assert "__ynn_fusion" not in g.lower(jnp.ones(300), x).compile().as_text()
+    again = runtime.tuned_jit(step, donate_argnums=0)
+    again(jnp.ones(300), x)
+    assert again.dot_library == "eigen" and again.dot_seconds == {} and calls["n"] == 1  # remembered
