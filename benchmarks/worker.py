@@ -247,7 +247,8 @@ def jax_train(task: dict[str, Any]) -> dict[str, Any]:
     step_s = statistics.median(times)
     out = {"steps_per_s": 1.0 / step_s, "repeat_steps_per_s": [1.0 / t for t in times],
            "compile_s": max(0.0, compile_s - step_s - step.tuning_s), "rss_setup_mb": rss_setup,
-           "dot_library": step.dot_library, "dot_tuning_s": step.tuning_s, "dot_tuning_ms": {k: v * 1e3 for k, v in step.dot_seconds.items()}}
+           "dot_library": step.dot_library, "dot_tuning_s": step.tuning_s,
+           "dot_tuning_ms": {k: v * 1e3 for k, v in step.dot_seconds.items()}}
     if task.get("epoch"):
         out["peak_rss_mb"] = rss_mb()  # the step's, before the epoch's data and compilation
         out.update(_jax_epoch(task, model, loss_fn, opt))

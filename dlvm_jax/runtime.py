@@ -171,14 +171,16 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
     * the library for its matrix products (:data:`CPU_DOTS`): with ``"auto"``, a computation of at least
       :data:`TUNE_MIN_FLOPS` is compiled both ways and each is timed on copies of the first call's arguments for
       about :data:`TUNE_SECONDS`; the faster is kept (``dot_library`` and ``dot_seconds`` record the choice and
-      the median seconds of a call of each, ``tuning_s`` the seconds spent timing them). The two differ in round-off only. The choice is remembered for the process, so the same
-      computation runs the same way each time it is compiled there; another process may choose otherwise where the
-      two are close.
+      the median seconds of a call of each, ``tuning_s`` the seconds spent timing them). The two differ in
+      round-off only. The choice is remembered for the process, so the same computation runs the same way each
+      time it is compiled there; another process may choose otherwise where the two are close.
 
-    Later calls with other shapes compile with the same options; ``lower`` works as for ``jax.jit``."""
+    ``dots_from(*args)``, where given, names the library instead of a timing of this computation (a scanned epoch
+    takes the choice of its train step, timed on one batch). Later calls with other shapes compile with the same
+    options; ``lower`` works as for ``jax.jit``."""
 
-    def __init__(self, fun: Callable, **jit_kwargs: Any) -> None:
-        self._fun, self._jit_kwargs = fun, jit_kwargs
+    def __init__(self, fun: Callable, *, dots_from: Callable[..., str] | None = None, **jit_kwargs: Any) -> None:
+        self._fun, self._jit_kwargs, self._dots_from = fun, jit_kwargs, dots_from
         self._jitted: Any = None
         self.dot_library: str | None = None
         self.dot_seconds: dict[str, float] = {}
@@ -187,12 +189,16 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
 
     def _dot_library(self, lowered: Any, options: dict[str, Any], args: tuple) -> str:
         if CPU_DOTS not in ("auto", *_DOT_OPTIONS):
-            raise ValueError(f"runtime.CPU_DOTS (environment variable DLVM_CPU_DOTS) must be 'auto', 'ynnpack' or 'eigen', "
-                             f"got {CPU_DOTS!r}")
+            raise ValueError("runtime.CPU_DOTS (environment variable DLVM_CPU_DOTS) must be 'auto', 'ynnpack' or "
+                             f"'eigen', got {CPU_DOTS!r}")
         if CPU_DOTS != "auto":
             return CPU_DOTS
-        if set(self._jit_kwargs) - {"donate_argnums"} or _flops(lowered) < TUNE_MIN_FLOPS:
+        if _flops(lowered) < TUNE_MIN_FLOPS:
             return "ynnpack"
+        if self._dots_from is not None:
+            return self._dots_from(*args)
+        if set(self._jit_kwargs) - {"donate_argnums"}:
+            return "ynnpack"  # shardings: a mesh of devices
         text = lowered.as_text()
         if "dot_general" not in text and "convolution" not in text:
             return "ynnpack"

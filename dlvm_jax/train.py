@@ -210,11 +210,25 @@ def epoch_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_
     return lambda state, data: inner(state, data)[:2]
 
 
+def _dots_of_step(step: tuned_jit, batch_size: int) -> Callable[[TrainState, jax.Array], str]:
+    """For an epoch's :class:`~dlvm_jax.runtime.tuned_jit`: the dot library that its train step ``step`` chooses on
+    the data's first batch (compiled, and on a CPU timed on copies of the state, without running on the state)."""
+    def choose(state: TrainState, data: jax.Array) -> str:
+        step.lower(state, data[:batch_size])
+        return step.dot_library or "ynnpack"
+
+    return choose
+
+
 def make_epoch(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int, mesh: Any = None,
                skip_nonfinite: bool = False) -> Callable:
-    """Jitted, state-donating :func:`epoch_fn` (with a ``mesh``: state and data replicated on it)."""
-    return jax.jit(epoch_fn(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite),
-                   donate_argnums=0, **_jit_kwargs(mesh, batch_leading=None))
+    """Jitted, state-donating :func:`epoch_fn` (with a ``mesh``: state and data replicated on it). On a CPU it runs
+    its matrix products with the library that its train step (:func:`make_train_step`) runs fastest
+    (:class:`~dlvm_jax.runtime.tuned_jit`)."""
+    step = make_train_step(loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
+    return tuned_jit(epoch_fn(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite),
+                     donate_argnums=0, dots_from=_dots_of_step(step, batch_size),
+                     **_jit_kwargs(mesh, batch_leading=None))
 
 
 class _Engine:
@@ -228,9 +242,9 @@ class _Engine:
         self.skip_nonfinite = skip_nonfinite
         step = functools.partial(_checked_step, loss_fn, optimizer, mesh=mesh, skip_nonfinite=skip_nonfinite)
         self.step = tuned_jit(step, donate_argnums=0, **_jit_kwargs(mesh))
-        self.scan_epoch = jax.jit(
+        self.scan_epoch = tuned_jit(
             _epoch_with_health(loss_fn, optimizer, batch_size=batch_size, mesh=mesh, skip_nonfinite=skip_nonfinite),
-            donate_argnums=0, **_jit_kwargs(mesh, batch_leading=None))
+            donate_argnums=0, dots_from=_dots_of_step(self.step, batch_size), **_jit_kwargs(mesh, batch_leading=None))
         shuffle_kwargs = {}
         if mesh is not None:
             shuffle_kwargs = {"out_shardings": (parallel.replicated(mesh), parallel.batch_sharding(mesh, leading=1))}

@@ -257,3 +257,50 @@ def test_auto_keeps_the_faster_library_and_remembers_it(monkeypatch):
     again = runtime.tuned_jit(step, donate_argnums=0)
     again(jnp.ones(300), x)
     assert again.dot_library == "eigen" and again.dot_seconds == {} and calls["n"] == 1  # remembered
+
+
+def test_scanned_epoch_takes_the_library_its_train_step_chooses(monkeypatch):
+    """``make_epoch`` times its train step on the first batch (not the whole epoch) and compiles the epoch with the
+    step's choice; the epoch's state is donated once, by the real call, and its values are those of ``jax.jit``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from dlvm_jax import runtime
+    from dlvm_jax.train import epoch_fn, init_state, make_epoch
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU options")
+    monkeypatch.setattr(runtime, "CPU_DOTS", "auto")
+    monkeypatch.setattr(runtime, "TUNE_SECONDS", 0.01)
+    monkeypatch.setattr(runtime, "TUNE_MIN_FLOPS", 1.0)
+    monkeypatch.setattr(runtime, "_chosen", {})
+
+    def loss_fn(params, batch, key, step):
+        h = jnp.tanh(batch @ params["w"])
+        loss = jnp.mean(jnp.square(h @ params["w"].T - batch))
+        return loss, {"loss": loss}
+
+    opt = optax.sgd(0.1)
+    data = jax.random.normal(jax.random.key(0), (40, 30))
+    fresh = lambda: init_state({"w": jax.random.normal(jax.random.key(1), (30, 20)) / 5}, opt, jax.random.key(2))
+    want = jax.jit(epoch_fn(loss_fn, opt, batch_size=10))(fresh(), data)
+    for library in ("eigen", "ynnpack"):
+        timed_shapes = []
+
+        def fake_timings(compiled, fresh_args, library=library):
+            timed_shapes.append(fresh_args()[1].shape)
+            return {"ynnpack": 1.0, "eigen": 1.0, library: 0.5}
+
+        monkeypatch.setattr(runtime, "_median_call_seconds", fake_timings)
+        monkeypatch.setattr(runtime, "_chosen", {})
+        epoch = make_epoch(loss_fn, opt, batch_size=10)
+        state = fresh()
+        got = epoch(state, data)
+        assert timed_shapes == [(10, 30)]  # the step, on one batch
+        assert state.params["w"].is_deleted()
+        assert epoch.dot_library == library
+        assert ("__ynn_fusion" in epoch.lower(fresh(), data).compile().as_text()) == (library == "ynnpack")
+        np.testing.assert_allclose(got[1]["loss"], want[1]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got[0].params["w"], want[0].params["w"], rtol=1e-5, atol=1e-7)
