@@ -104,7 +104,8 @@ def chunked_log_weights(model: Any, params: Params, x: jax.Array, key: jax.Array
 def make_batch_estimator(model: Any, *, num_samples: int = 5000, chunk_size: int = 500, proposal: str = "q"):
     """Jitted ``estimate(params, batch, key) -> ISEstimate`` for one batch (one key per example from ``key``). On a
     CPU its first call picks the faster library for the decoder's matrix products (:class:`dlvm_jax.runtime.tuned_jit`;
-    the MLP VAE's K = 5000 estimate ran 1.18x faster with Eigen's than with YNNPACK's in fresh processes)."""
+    the MLP VAE's K = 5000 estimate of 100 images ran 1.145x faster with Eigen's than with YNNPACK's in
+    ``python -m benchmarks.profile_dots``)."""
     num_samples = check_num_samples(num_samples)
     chunk_size = check_num_samples(chunk_size, "chunk_size")
     check_proposal(proposal)

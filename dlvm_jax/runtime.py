@@ -108,9 +108,10 @@ def temp_heap_options(lowered: Any, *, platform: str | None = None) -> dict[str,
 #: Which library runs the matrix products of a computation compiled by :class:`tuned_jit` on XLA's CPU backend:
 #: ``"ynnpack"`` (XLA's default in jaxlib 0.10: each dot a YNNPACK fusion), ``"eigen"`` (XLA's own dot thunks,
 #: which call Eigen; the XLA option ``xla_cpu_experimental_ynn_fusion_type`` set empty), or ``"auto"``: time both
-#: on the first call's arguments and keep the faster. Neither wins everywhere. Measured on 2 cores, the library's
-#: train steps, in-process alternation: the MLP VAE (batch 100, one sample) 1.09-1.11x faster with Eigen, the same
-#: with ten samples 0.81x, the GMVAE 0.89x, the conv VAE (whose convolutions are dots on patches) 0.50x.
+#: on the first call's arguments and keep the faster. Neither wins everywhere. Measured on 2 cores, both ways in one
+#: process, alternating (``python -m benchmarks.profile_dots``), YNNPACK's time over Eigen's: the MLP VAE's train step
+#: (batch 100) 1.013 with one sample and 0.774 with ten, the conv VAE's (whose convolutions are dots on patches)
+#: 0.512, the GMVAE's 1.096 and 0.930, the MLP VAE's K=5000 IS estimate 1.145.
 #: The two differ in round-off, so ``"auto"`` may give results that differ in the last bits from process to process
 #: where the two run about as fast; fix the choice for bitwise-reproducible runs. Read from the environment variable
 #: ``DLVM_CPU_DOTS`` at import (default ``"auto"``).
