@@ -72,16 +72,12 @@ def stepping(model_name: str, samples: int, size: int, microbatch: int, library:
     opt = optax.adam(1e-3)
     batch = batch_for(model_name, size)
     step = make_train_step(loss_fn, opt)
-    held = {"state": init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1))}
-
-    def run() -> None:
-        held["state"], metrics = step(held["state"], batch)
-        jax.block_until_ready(metrics)
-
-    with_library(library, run)
+    run = worker._jax_stepping(step, init_state(jax.jit(model.init)(jax.random.key(0)), opt, jax.random.key(1)),
+                               batch)
+    with_library(library, lambda: run(1))
     if step.dot_library != library:
         raise RuntimeError(f"step compiled with {step.dot_library}, not {library}")
-    return run
+    return lambda: run(1)
 
 
 def estimating(library: str, num_samples: int = 5000) -> Callable[[], None]:

@@ -194,12 +194,10 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
                              f"'eigen', got {CPU_DOTS!r}")
         if CPU_DOTS != "auto":
             return CPU_DOTS
-        if _flops(lowered) < TUNE_MIN_FLOPS:
-            return "ynnpack"
+        if set(self._jit_kwargs) - {"donate_argnums"} or _flops(lowered) < TUNE_MIN_FLOPS:
+            return "ynnpack"  # shardings (a mesh of devices), or too little work for the choice to matter
         if self._dots_from is not None:
             return self._dots_from(*args)
-        if set(self._jit_kwargs) - {"donate_argnums"}:
-            return "ynnpack"  # shardings: a mesh of devices
         text = lowered.as_text()
         if "dot_general" not in text and "convolution" not in text:
             return "ynnpack"

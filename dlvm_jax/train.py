@@ -215,7 +215,7 @@ def _dots_of_step(step: tuned_jit, batch_size: int) -> Callable[[TrainState, jax
     the data's first batch (compiled, and on a CPU timed on copies of the state, without running on the state)."""
     def choose(state: TrainState, data: jax.Array) -> str:
         step.lower(state, data[:batch_size])
-        return step.dot_library or "ynnpack"
+        return step.dot_library
 
     return choose
 
