@@ -18,10 +18,14 @@ in (the conv VAE's step: 0 faults in most calls of most runs, ~6,100 a call in o
 For a loss that is a mean over examples, :func:`dlvm_jax.objectives.microbatched` shrinks the temporaries
 themselves (the activations of one microbatch instead of the batch's), which glibc's defaults then recycle
 reliably (``python -m benchmarks.profile_microbatch``).
+
+:class:`tuned_jit` also keeps at most :data:`CPU_MAX_IN_FLIGHT` calls of a computation over several CPU devices
+in flight: more than about 32 abort the process in jaxlib 0.10.2 (see there).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -159,6 +163,33 @@ def _median_call_seconds(calls: dict[str, Callable[[], Any]], fresh_args: Callab
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Calls in flight on several CPU devices
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The most calls of one :class:`tuned_jit` computation whose results span several CPU devices (a mesh of host
+#: devices, ``--xla_force_host_platform_device_count``) that may be in flight: each call waits for the results of
+#: the call this many before it. JAX dispatches asynchronously, and in jaxlib 0.10.2 XLA:CPU deadlocks once a
+#: computation with a collective (the all-reduce of a data-parallel gradient) has more than about 32 calls queued:
+#: one device's part waits in the all-reduce for another device's, which is not queued yet, until a 40 s timeout
+#: aborts the process. Measured on 2 cores with 2 and with 8 devices (a 1 ms matmul and all-reduce in a loop):
+#: waiting every 32 calls ran, every 40 aborted; so did 300 train steps of ``make_train_step(mesh=...)`` and
+#: ``fit(scan=False)`` with 300 batches on 8 devices, before this limit. 8 keeps the queue full.
+CPU_MAX_IN_FLIGHT = 8
+
+
+def _spans_cpu_devices(out: Any) -> bool:
+    return any(isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
+               and next(iter(a.sharding.device_set)).platform == "cpu" for a in jax.tree.leaves(out))
+
+
+def _wait_for(out: Any) -> None:
+    """Wait for the results of one call (those not donated to a later call since)."""
+    for a in jax.tree.leaves(out):
+        if isinstance(a, jax.Array) and not a.is_deleted():
+            a.block_until_ready()
+
+
 class tuned_jit:  # noqa: N801 (used like jax.jit)
     """``jax.jit(fun, **jit_kwargs)``, compiled at its first call with XLA:CPU options chosen for the arguments of
     that call (on other backends, plain ``jax.jit``):
@@ -178,7 +209,9 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
 
     ``dots_from(*args)``, where given, names the library instead of a timing of this computation (a scanned epoch
     takes the choice of its train step, timed on one batch). Later calls with other shapes compile with the same
-    options; ``lower`` works as for ``jax.jit``."""
+    options; ``lower`` works as for ``jax.jit``. Where its results span several CPU devices, at most
+    :data:`CPU_MAX_IN_FLIGHT` calls are in flight (a call waits for the results of the call that many before it;
+    more deadlock XLA:CPU)."""
 
     def __init__(self, fun: Callable, *, dots_from: Callable[..., str] | None = None, **jit_kwargs: Any) -> None:
         self._fun, self._jit_kwargs, self._dots_from = fun, jit_kwargs, dots_from
@@ -186,6 +219,8 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
         self.dot_library: str | None = None
         self.dot_seconds: dict[str, float] = {}
         self.tuning_s = 0.0
+        self._in_flight: collections.deque | None = None  # results of the last calls, where they span CPU devices
+        self._paced: bool | None = None
         functools.update_wrapper(self, fun)
 
     def _dot_library(self, lowered: Any, options: dict[str, Any], args: tuple) -> str:
@@ -233,7 +268,15 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
         return self._jitted
 
     def __call__(self, *args: Any) -> Any:
-        return (self._jitted or self._jit_for(*args))(*args)
+        out = (self._jitted or self._jit_for(*args))(*args)
+        if self._paced is None:
+            self._paced = _spans_cpu_devices(out)
+            self._in_flight = collections.deque()
+        if self._paced:
+            self._in_flight.append(out)
+            if len(self._in_flight) > CPU_MAX_IN_FLIGHT:
+                _wait_for(self._in_flight.popleft())
+        return out
 
     def lower(self, *args: Any) -> Any:
         return self._jit_for(*args).lower(*args)
