@@ -226,3 +226,31 @@ def test_noise_profile_merges_windows_and_estimates_the_ratio_of_medians():
     r = ratio_of_medians(np.full(10, 280.0), np.full(10, 200.0), draws=50)
     assert r["p50"] == 1.4 and r["fraction_below_1.5"] == 1.0
     assert ratio_of_medians(np.ones(4), np.ones(10)) is None  # fewer windows than repeats
+
+
+def test_pairs_alternates_the_frameworks_and_reports_round_ratios(tmp_path, capsys, monkeypatch):
+    """``benchmarks.pairs`` runs JAX and PyTorch in ABBA order, one ratio per round, and the ratio of the medians;
+    it refuses a microbatch size that does not divide the batch and stops on a worker's error."""
+    from benchmarks import pairs
+
+    order, speeds = [], {"jax": iter([450.0, 440.0, 470.0]), "torch_eager": iter([300.0, 200.0, 310.0])}
+
+    def fake_worker(task, args):
+        order.append(task["framework"])
+        assert task["kind"] == "train" and task["model"] == "mlp_vae" and task["batch_size"] == 100
+        return {"steps_per_s": next(speeds[task["framework"]]), "repeat_steps_per_s": [1.0], "wall_s": 1.0}
+
+    monkeypatch.setattr(pairs, "run_worker", fake_worker)
+    out = tmp_path / "pairs.json"
+    assert pairs.main(["--model", "mlp_vae", "--rounds", "3", "--out", str(out)]) == 0
+    assert order == ["jax", "torch_eager", "torch_eager", "jax", "jax", "torch_eager"]
+    result = json.loads(out.read_text())
+    assert result["round_ratios"] == pytest.approx([1.5, 2.2, 470 / 310])
+    assert result["median_steps_per_s"] == {"jax": 450.0, "torch_eager": 300.0}
+    assert result["ratio_of_medians"] == pytest.approx(1.5) and result["rounds_meeting_target"] == 3
+    with pytest.raises(SystemExit):
+        pairs.main(["--model", "mlp_vae", "--microbatch", "7"])
+    assert "divide the batch size 100" in capsys.readouterr().err
+    monkeypatch.setattr(pairs, "run_worker", lambda task, args: {"error": "worker exited with status 1: boom"})
+    assert pairs.main(["--model", "gmvae", "--rounds", "1"]) == 1
+    assert "boom" in capsys.readouterr().err
