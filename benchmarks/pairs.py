@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in out:
                     print(f"{fw}: {out['error']}", file=sys.stderr)
                     return 1
+                kept = ("repeat_steps_per_s", "wall_s", "dot_library", "dot_tuning_ms", "compile_s",
+                        "minor_faults_per_call")
                 runs[fw].append({"round": r + 1, "steps_per_s": out["steps_per_s"],
-                                 "repeat_steps_per_s": out["repeat_steps_per_s"], "wall_s": out["wall_s"],
-                                 **{k: out[k] for k in ("dot_library", "dot_tuning_ms", "compile_s", "minor_faults_per_call") if k in out}})
+                                 **{k: out[k] for k in kept if k in out}})
             ratios.append(runs["jax"][-1]["steps_per_s"] / runs[args.against][-1]["steps_per_s"])
             print(f"round {r + 1}: JAX {runs['jax'][-1]['steps_per_s']:8.2f}, {args.against} "
                   f"{runs[args.against][-1]['steps_per_s']:8.2f} steps/s: {ratios[-1]:.2f}x", flush=True)
