@@ -185,6 +185,15 @@ def _result(stdout: str, returncode: int | None, stderr: str) -> dict[str, Any]:
     return {"error": f"worker exited with status {returncode}: {tail}"[:500]}
 
 
+def train_task(framework: str, model: str, num_samples: int, data: str, args: argparse.Namespace, *,
+               microbatch: int = 0, epoch: bool = False) -> dict[str, Any]:
+    """A train-step worker's task: ``model``'s batch, ``args.repeats`` timed repeats of ``args.repeat_seconds``
+    after twice that of warm-up; ``epoch`` also times JAX's scanned epoch."""
+    return {"kind": "train", "framework": framework, "model": model, "num_samples": num_samples,
+            "batch_size": BATCH[model], "data": data, "repeats": args.repeats, "target_s": args.repeat_seconds,
+            "warmup_s": 2 * args.repeat_seconds, "microbatch": microbatch, "epoch": epoch}
+
+
 def run_worker(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     command, env = _worker_command(task, args)
     load = os.getloadavg()[0]
@@ -472,10 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in SAMPLES:
                 by_size: dict[int, dict[str, dict]] = {}
                 for size in (args.microbatch if model in MICROBATCHED else (0,)):
-                    tasks = {fw: {"kind": "train", "framework": fw, "model": model, "num_samples": m,
-                                  "batch_size": BATCH[model], "data": data_for(model), "repeats": args.repeats,
-                                  "target_s": args.repeat_seconds, "warmup_s": 2 * args.repeat_seconds,
-                                  "microbatch": size, "epoch": fw == "jax" and model in SCANNED and not size}
+                    tasks = {fw: train_task(fw, model, m, data_for(model), args, microbatch=size,
+                                            epoch=fw == "jax" and model in SCANNED and not size)
                              for fw in TRAIN_FRAMEWORKS if not (fw == "torch_compile" and args.no_compile)}
                     if args.interleave:
                         outs = run_interleaved(tasks, args)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.__main__ import BATCH, TARGETS, parse_args, prepare_data, run_worker
+from benchmarks.__main__ import BATCH, TARGETS, parse_args, prepare_data, run_worker, train_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]  # see benchmarks.worker._no_tensorflow
     from benchmarks.common import write_result
 
-    worker_args = parse_args([])  # the full run's defaults: no malloc changes, no OMP policy, CPU or GPU as found
+    # the full run's defaults (no malloc changes, no OMP policy, CPU or GPU as found), with this run's repeats
+    worker_args = parse_args(["--repeats", str(args.repeats)])
     frameworks = ("jax", args.against)
     runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     ratios = []
@@ -54,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         files = prepare_data(Path(tmp), args.data_dir, BATCH[args.model])
         for r in range(args.rounds):
             for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
-                task = {"kind": "train", "framework": fw, "model": args.model, "num_samples": args.samples,
-                        "batch_size": BATCH[args.model], "data": files["spiral" if args.model == "gmvae" else "images"],
-                        "repeats": args.repeats, "target_s": 0.5, "warmup_s": 1.0, "microbatch": args.microbatch,
-                        "epoch": False}
+                task = train_task(fw, args.model, args.samples, files["spiral" if args.model == "gmvae" else "images"],
+                                  worker_args, microbatch=args.microbatch)
                 out = run_worker(task, worker_args)
                 if "error" in out:
                     print(f"{fw}: {out['error']}", file=sys.stderr)

@@ -219,8 +219,8 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
         self.dot_library: str | None = None
         self.dot_seconds: dict[str, float] = {}
         self.tuning_s = 0.0
-        self._in_flight: collections.deque | None = None  # results of the last calls, where they span CPU devices
-        self._paced: bool | None = None
+        self._in_flight: collections.deque = collections.deque()  # the last calls' results, where paced
+        self._paced: bool | None = None  # whether results span several CPU devices (known after the first call)
         functools.update_wrapper(self, fun)
 
     def _dot_library(self, lowered: Any, options: dict[str, Any], args: tuple) -> str:
@@ -271,7 +271,6 @@ class tuned_jit:  # noqa: N801 (used like jax.jit)
         out = (self._jitted or self._jit_for(*args))(*args)
         if self._paced is None:
             self._paced = _spans_cpu_devices(out)
-            self._in_flight = collections.deque()
         if self._paced:
             self._in_flight.append(out)
             if len(self._in_flight) > CPU_MAX_IN_FLIGHT:
